@@ -1,0 +1,126 @@
+"""The model against a NumPy loop over layers, and the routing against its formulas."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nvium_jax.model import build_model, mixture_logprobs
+from tests.reference import mixture_logp_naive, naive_forward, randomize_exit_weights
+
+
+@pytest.fixture
+def model(small_cfg):
+    model = build_model(small_cfg, seed=3)
+    randomize_exit_weights(model, seed=4)
+    return model
+
+
+def test_forward_equals_numpy_layer_loop(model, tokens_BxT):
+    expected_exit_logp, expected_route_logp = naive_forward(model, tokens_BxT)
+    out = model(tokens_BxT)
+    np.testing.assert_allclose(out.exit_logp_KxBxTxV, expected_exit_logp, atol=2e-5)
+    np.testing.assert_allclose(out.route_logp_BxTxK, expected_route_logp, atol=2e-5)
+
+
+def test_routing_weights_are_the_sequential_halting_product(model, tokens_BxT):
+    out = model(tokens_BxT)
+    weights_BxTxK = np.exp(np.asarray(out.route_logp_BxTxK, np.float64))
+    np.testing.assert_allclose(weights_BxTxK.sum(-1), 1.0, atol=1e-6)
+    # q_k recovered from the gates of the model itself, one exit at a time
+    h = model.embed(tokens_BxT)
+    positions = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+    q = []
+    for k, (start, stop) in enumerate(model.config.segments[:-1]):
+        h, _ = model.run_layers(h, positions, start, stop)
+        q.append(np.exp(np.asarray(model.gate_logp(k, model.exit_norm(k, h))[..., 0], np.float64)))
+    expected = [q[0], (1 - q[0]) * q[1], (1 - q[0]) * (1 - q[1]) * q[2],
+                (1 - q[0]) * (1 - q[1]) * (1 - q[2])]
+    np.testing.assert_allclose(weights_BxTxK, np.stack(expected, -1), atol=1e-6)
+    assert weights_BxTxK.min() > 0.02, "test routing should put mass on every exit"
+
+
+def test_mixture_is_normalised_and_equals_summed_probabilities(model, tokens_BxT):
+    out = model(tokens_BxT)
+    logp_BxTxV = mixture_logprobs(*out)
+    np.testing.assert_allclose(jax.nn.logsumexp(logp_BxTxV, axis=-1), 0.0, atol=1e-5)
+    expected = mixture_logp_naive(np.asarray(out.exit_logp_KxBxTxV, np.float64),
+                                  np.asarray(out.route_logp_BxTxK, np.float64))
+    np.testing.assert_allclose(logp_BxTxV, expected, atol=1e-5)
+
+
+def _copy_backbone(src, dst):
+    for name in ("embedding", "head"):
+        getattr(dst, name)[...] = getattr(src, name)[...]
+    nnx.update(dst.blocks, nnx.state(src.blocks))
+    nnx.update(dst.final_norm, nnx.state(src.final_norm))
+
+
+def test_router_that_never_exits_is_exactly_the_baseline(model, small_cfg, tokens_BxT):
+    for exit_ in model.exits:  # q_k = sigmoid(−1e4) = 0 in float32
+        exit_.router_out_bias[...] = jnp.array([-1e4, 0.0])
+    baseline = build_model(dataclasses.replace(small_cfg, exits=()), seed=99)
+    _copy_backbone(model, baseline)
+    out = model(tokens_BxT)
+    mixture = mixture_logprobs(*out)
+    np.testing.assert_array_equal(mixture, out.exit_logp_KxBxTxV[-1])
+    base = baseline(tokens_BxT)
+    assert base.exit_logp_KxBxTxV.shape[0] == 1
+    np.testing.assert_array_equal(base.route_logp_BxTxK, 0.0)
+    np.testing.assert_array_equal(mixture, base.exit_logp_KxBxTxV[0])
+
+
+def test_default_exits_are_quarter_depths(small_cfg):
+    cfg = dataclasses.replace(small_cfg, n_layers=12, exits=None)
+    assert cfg.early_exits == (3, 6, 9) and cfg.exit_depths == (3, 6, 9, 12)
+    cfg = dataclasses.replace(small_cfg, n_layers=2, exits=None)
+    assert cfg.early_exits == (1,)  # 2//4 = 0 dropped, 2//2 = 3·2//4 = 1 once
+    assert len(build_model(cfg).exits) == 1
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+def test_remat_and_unroll_change_no_number(model, tokens_BxT, remat):
+    h = model.embed(tokens_BxT)
+    positions = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+    plain, _ = model.run_layers(h, positions, 0, 4)
+    unrolled, _ = model.run_layers(h, positions, 0, 4, unroll=True)
+    np.testing.assert_allclose(unrolled, plain, atol=1e-6)
+
+    def total(m, remat_name):
+        return jnp.sum(m.run_layers(h, positions, 1, 4, remat=remat_name)[0] ** 2)
+
+    g_plain = nnx.grad(total)(model, "none")
+    g_remat = nnx.grad(total)(model, remat)
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_params_carry_logical_axes(model):
+    for path, var in nnx.state(model, nnx.Param).flat_state():
+        axes = var.get_metadata()["logical_axes"]
+        assert len(axes) == var.get_value().ndim, path
+        if path[0] == "blocks":
+            assert axes[0] == "layers", path
+    assert model.blocks.attn.wk.get_metadata()["logical_axes"] == (
+        "layers", "embed", "kv_heads", "head_dim")
+    assert model.head.get_metadata()["logical_axes"] == ("embed", "vocab")
+
+
+def test_compute_dtype_is_separate_from_parameter_dtype(small_cfg, tokens_BxT):
+    model = build_model(dataclasses.replace(small_cfg, dtype="bfloat16"))
+    assert model.blocks.mlp.w_up.get_value().dtype == jnp.float32
+    assert model.embed(tokens_BxT).dtype == jnp.bfloat16
+    out = model(tokens_BxT)
+    assert out.exit_logp_KxBxTxV.dtype == jnp.float32  # log-softmax in float32
+    reference = build_model(small_cfg)(tokens_BxT)
+    np.testing.assert_allclose(out.exit_logp_KxBxTxV, reference.exit_logp_KxBxTxV, atol=0.1)
+
+
+@pytest.mark.parametrize("bad", [-1, 37, 1000])
+def test_token_ids_outside_the_vocabulary_are_an_error(model, bad):
+    tokens = np.array([[1, 2, bad]])
+    with pytest.raises(ValueError, match=rf"token id {bad}.*\[0, 37\)"):
+        model(tokens)
