@@ -23,7 +23,7 @@ def randomize_exit_weights(model, seed: int = 0, scale: float = 0.5) -> None:
 def numpy_params(model) -> dict:
     state = nnx.state(model, nnx.Param)
     flat = {}
-    for path, value in state.flat_state():
+    for path, value in nnx.to_flat_state(state):
         flat[".".join(map(str, path))] = np.asarray(value.get_value() if hasattr(value, "get_value") else value, np.float64)
     return flat
 

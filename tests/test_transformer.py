@@ -99,7 +99,7 @@ def test_remat_and_unroll_change_no_number(model, tokens_BxT, remat):
 
 
 def test_params_carry_logical_axes(model):
-    for path, var in nnx.state(model, nnx.Param).flat_state():
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = var.get_metadata()["logical_axes"]
         assert len(axes) == var.get_value().ndim, path
         if path[0] == "blocks":
