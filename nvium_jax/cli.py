@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from nvium_jax.config import ConfigError, dump_config, load_config
+
+
+def _set_simulated_devices(n: int) -> None:
+    """CPU device count for `plan`; must run before jax is imported."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
+
+
+def _print_json(record: dict) -> None:
+    print(json.dumps(record))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -21,10 +34,64 @@ def _train(args: argparse.Namespace) -> int:
         )
         print(dump_config(config), end="")
         return 0
-    raise ConfigError(
-        "training is not in this version yet (tracked as issue 11); "
-        "`nvium train --config CFG --print-config` validates and prints a config"
-    )
+    from nvium_jax.train.distributed import initialize_from_env
+
+    initialize_from_env(os.environ)
+    from nvium_jax.train.loop import NonFiniteLoss, train
+
+    try:
+        summary = train(config)
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(summary)
+    return 0
+
+
+def _parse_mesh(text: str) -> list[str]:
+    overrides = []
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in ("data", "fsdp", "tensor"):
+            raise ConfigError(f"--mesh {text!r}: expected data=N,fsdp=N,tensor=N (e.g. data=2,fsdp=4,tensor=1)")
+        overrides.append(f"mesh.{key.strip()}={value.strip()}")
+    return overrides
+
+
+def _plan(args: argparse.Namespace) -> int:
+    config = load_config(args.config, [*args.overrides, *_parse_mesh(args.mesh or "")])
+    sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+    n_devices = args.devices if -1 in sizes else sizes[0] * sizes[1] * sizes[2]
+    _set_simulated_devices(n_devices)
+    import jax
+
+    from nvium_jax.train.plan import plan
+
+    devices = jax.devices()
+    if devices[0].platform != "cpu" and len(devices) != n_devices:
+        devices = jax.devices("cpu")[:n_devices]
+    devices = devices[:n_devices] if devices[0].platform == "cpu" else devices
+    record = plan(config, devices, decode_batch=args.decode_batch)
+    if args.json:
+        _print_json(record)
+    else:
+        for key, value in record.items():
+            print(f"{key:>24}: {value:,}" if isinstance(value, int) else f"{key:>24}: {value}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    from nvium_jax.train.bench import bench_train
+
+    record = bench_train(config, steps=args.steps)
+    if args.json:
+        _print_json(record)
+    else:
+        for key, value in record.items():
+            print(f"{key:>24}: {value}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +110,37 @@ def build_parser() -> argparse.ArgumentParser:
                        help="overrides such as train.lr=3e-4 or model.exits=[3,6,9]")
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved config and exit")
+    train.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     train.set_defaults(handler=_train)
+
+    plan = commands.add_parser(
+        "plan",
+        help="compile the train step ahead of time for a mesh and report memory",
+        description="Lower and compile the train step for a mesh (simulated CPU devices when "
+                    "no accelerator matches; nothing is allocated) and print parameters, "
+                    "optimizer bytes, per-device memory and the decode KV-cache size.",
+    )
+    plan.add_argument("--config", required=True)
+    plan.add_argument("overrides", nargs="*", metavar="key=value")
+    plan.add_argument("--mesh", help="mesh sizes, e.g. data=2,fsdp=4,tensor=1")
+    plan.add_argument("--devices", type=int, default=8,
+                      help="devices to simulate when a mesh axis is -1 (default 8)")
+    plan.add_argument("--decode-batch", type=int, default=1)
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(handler=_plan)
+
+    bench = commands.add_parser("bench", help="benchmarks (train)")
+    bench_kinds = bench.add_subparsers(dest="kind", required=True, metavar="KIND")
+    bench_train = bench_kinds.add_parser(
+        "train", help="N-vium vs its matched baseline: step time, tokens/s, MFU",
+        description="Time train steps of the config's model and of its parameter-matched "
+                    "baseline side by side (medians, compile excluded).",
+    )
+    bench_train.add_argument("--config", required=True)
+    bench_train.add_argument("overrides", nargs="*", metavar="key=value")
+    bench_train.add_argument("--steps", type=int, default=10)
+    bench_train.add_argument("--json", action="store_true")
+    bench_train.set_defaults(handler=_bench)
     return parser
 
 

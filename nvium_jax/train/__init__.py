@@ -1,0 +1,1 @@
+"""Sharded pretraining: mesh and rules, optimizer, train step, loop, metrics, plan, bench."""

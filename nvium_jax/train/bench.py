@@ -1,0 +1,55 @@
+"""`nvium bench train`: N-vium and its matched baseline, step time, tokens/s and MFU, side by
+side in one process on the same devices (random tokens: the model, not the data, is timed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from nvium_jax.config import Config
+from nvium_jax.model.count import matched_baseline_d_ff
+from nvium_jax.train.mesh import make_mesh
+from nvium_jax.train.metrics import mfu
+from nvium_jax.train.step import make_trainer
+
+
+def matched_baseline(config: Config) -> Config:
+    model = dataclasses.replace(config.model, exits=(), d_ff=matched_baseline_d_ff(config.model))
+    return dataclasses.replace(config, model=model)
+
+
+def time_steps(config: Config, steps: int, warmup: int = 2) -> list[float]:
+    """Wall time of each of `steps` train steps after `warmup` (compile) steps."""
+    mesh = make_mesh(config.mesh)
+    trainer = make_trainer(config, mesh)
+    state = trainer.init_fn()
+    t = config.train
+    shape = (t.grad_accum, t.batch_size // t.grad_accum, config.model.context + 1)
+    tokens = np.random.default_rng(t.seed).integers(0, config.model.vocab_size, shape, np.int32)
+    batch = jax.device_put(tokens, trainer.batch_sharding)
+    times = []
+    for i in range(warmup + steps):
+        started = time.perf_counter()
+        state, metrics = trainer.step_fn(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def bench_train(config: Config, steps: int = 10) -> dict:
+    baseline = matched_baseline(config)
+    tokens = config.train.batch_size * config.model.context
+    out = {"device": f"{jax.device_count()}× {jax.devices()[0].device_kind}",
+           "config": config.run.dir, "baseline_config": f"model.exits=[] model.d_ff={baseline.model.d_ff}"}
+    for name, cfg in (("nvium", config), ("baseline", baseline)):
+        step_s = statistics.median(time_steps(cfg, steps))
+        out[f"{name}_step_s"] = step_s
+        out[f"{name}_tokens_per_s"] = tokens / step_s
+        out[f"{name}_mfu"] = mfu(tokens / step_s, cfg.model, cfg.model.context)
+    out["step_ratio"] = out["nvium_step_s"] / out["baseline_step_s"]
+    return out

@@ -1,0 +1,243 @@
+"""`nvium train`: validate everything, build the sharded step, restore or initialise,
+then loop — logging, held-out evaluation, async checkpoints, clean stop on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import signal
+import sys
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+
+from nvium_jax.config import Config, ConfigError
+from nvium_jax.data import TrainBatches, eval_windows, resolve_data_dir
+from nvium_jax.runs import (
+    checkpoint_manager, command_line, config_changes, has_checkpoints, read_run_config,
+    restore_checkpoint, save_checkpoint, write_run_files,
+)
+from nvium_jax.train.mesh import batch_sharding, data_parallel_size, make_mesh
+from nvium_jax.train.metrics import MetricsSink, mfu
+from nvium_jax.train.step import TrainState, make_trainer, micro_batches
+
+SYNC_EVERY = 10  # fetch a scalar at least this often: queued CPU collectives can deadlock
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def check_resume(config: Config, run_dir: pathlib.Path) -> bool:
+    """True when the run dir holds checkpoints this config may resume; else a ConfigError
+    listing the differences, before anything in the dir is touched."""
+    if not has_checkpoints(run_dir):
+        return False
+    errors, warnings = config_changes(read_run_config(run_dir), config)
+    if errors:
+        raise ConfigError(
+            f"run dir {run_dir} holds checkpoints of another model; these keys differ: "
+            f"{'; '.join(errors)} — use another run.dir or the run's own config.yaml"
+        )
+    for change in warnings:
+        print(f"warning: resuming {run_dir} with a changed {change}", file=sys.stderr)
+    return True
+
+
+def check_batch(config: Config, n_data_parallel: int) -> None:
+    train = config.train
+    micro = train.batch_size // train.grad_accum
+    if micro % n_data_parallel:
+        raise ConfigError(
+            f"train.batch_size={train.batch_size} / train.grad_accum={train.grad_accum} = {micro} "
+            f"sequences per micro-batch is not divisible by the data-parallel size "
+            f"{n_data_parallel} (mesh.data × mesh.fsdp); change the batch or the mesh"
+        )
+    if train.batch_size % (jax.process_count() * train.grad_accum):
+        raise ConfigError(
+            f"train.batch_size={train.batch_size} must split evenly over {jax.process_count()} "
+            f"processes × train.grad_accum={train.grad_accum}"
+        )
+
+
+def to_global(local: np.ndarray, sharding, global_shape) -> jax.Array:
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self) -> bool:
+        flag = self.signal is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+        return flag
+
+
+def evaluate(trainer, params, windows_NxBxT1: np.ndarray, sharding) -> dict:
+    """Mean held-out metrics over fixed validation batches."""
+    results = []
+    n_proc, proc = jax.process_count(), jax.process_index()
+    for batch in windows_NxBxT1:
+        rows = batch.shape[0] // n_proc
+        local = batch[proc * rows:(proc + 1) * rows]
+        results.append(jax.device_get(trainer.eval_fn(params, to_global(local, sharding, batch.shape))))
+    mean = {k: np.mean([r._asdict()[k] for r in results], axis=0) for k in results[0]._fields}
+    return {f"val_{k}": _plain(v) for k, v in mean.items()}
+
+
+def _plain(value):
+    value = np.asarray(value)
+    return value.tolist() if value.ndim else float(value)
+
+
+def train(config: Config, command: Optional[list[str]] = None) -> dict:
+    """Runs (or resumes) training to `train.steps`; returns the last logged records."""
+    run_dir = pathlib.Path(config.run.dir)
+    resuming = check_resume(config, run_dir)
+    mesh = make_mesh(config.mesh)
+    check_batch(config, data_parallel_size(mesh))
+    data_dir = resolve_data_dir(config)
+    train_cfg, context = config.train, config.model.context
+
+    trainer = make_trainer(config, mesh)
+    batches = TrainBatches(
+        data_dir, context=context, global_batch=train_cfg.batch_size, seed=train_cfg.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        workers=config.data.workers, prefetch=config.data.prefetch,
+    )
+    manager = checkpoint_manager(run_dir, train_cfg.keep)
+    if resuming:
+        step = manager.latest_step()
+        abstract = jax.eval_shape(trainer.init_fn)
+        restored, data_state = restore_checkpoint(manager, step, abstract, trainer.state_shardings)
+        counters = restored["counters"]
+        state = TrainState(counters["step"], restored["params"], restored["opt_state"],
+                           counters["beta"], counters["skipped"])
+        batches.set_state(data_state)
+        print(f"resuming {run_dir} from step {step}", file=sys.stderr)
+    else:
+        state = trainer.init_fn()
+    write_run_files(run_dir, config, data_dir / "tokenizer.json", command or command_line())
+    micro = train_cfg.batch_size // train_cfg.grad_accum
+    val = eval_windows(data_dir, context=context, batch=micro, n_batches=train_cfg.eval_batches)
+    val_sharding = batch_sharding(mesh)
+    sink = MetricsSink(run_dir, config, int(jax.device_get(state.step)))
+    try:
+        with _StopRequest() as stop:
+            summary = _loop(config, trainer, state, batches, manager, sink, stop, val, val_sharding, run_dir)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        sink.close()
+    return summary
+
+
+def _loop(config, trainer, state, batches, manager, sink, stop, val, val_sharding, run_dir) -> dict:
+    train_cfg = config.train
+    tokens_per_step = train_cfg.batch_size * config.model.context
+    global_shape = (train_cfg.grad_accum, train_cfg.batch_size // train_cfg.grad_accum,
+                    config.model.context + 1)
+    step = int(jax.device_get(state.step))
+    summary: dict = {"start_step": step}
+    if step == 0 or step % train_cfg.eval_every == 0:
+        summary["eval"] = _log_eval(sink, trainer, state, val, val_sharding, step)
+    pending, last_sync, last_good = [], time.time(), step
+    profile_at = step + 5 if train_cfg.profile_steps else None
+    while step < train_cfg.steps:
+        if profile_at is not None and step == profile_at:
+            jax.profiler.start_trace(str(run_dir / "profile"))
+        local = micro_batches(next(batches), train_cfg.grad_accum)
+        state, metrics = trainer.step_fn(state, to_global(local, trainer.batch_sharding, global_shape))
+        step += 1
+        pending.append(metrics)
+        if profile_at is not None and step == profile_at + train_cfg.profile_steps:
+            jax.block_until_ready(state.step)
+            jax.profiler.stop_trace()
+        stopping = step % SYNC_EVERY == 0 and stop.requested()
+        boundary = (step % train_cfg.log_every == 0 or step % train_cfg.checkpoint_every == 0
+                    or step % train_cfg.eval_every == 0 or step == train_cfg.steps)
+        if not (boundary or stopping or len(pending) >= SYNC_EVERY):
+            continue
+        records = jax.device_get(pending)
+        now = time.time()
+        _check_finite(records, step - len(records) + 1, train_cfg.on_nonfinite, last_good)
+        record = _train_record(records[-1], step, len(records) * tokens_per_step / (now - last_sync), config)
+        pending, last_sync = [], now
+        if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+            sink.log(record)
+            sink.progress(record)
+            summary["train"] = record
+        if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
+            summary["eval"] = _log_eval(sink, trainer, state, val, val_sharding, step)
+            last_sync = time.time()  # evaluation time is not training throughput
+        if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps or stopping:
+            save_checkpoint(manager, state, batches.get_state(), config)
+            last_good = step
+        if stopping:
+            print(f"stopped by signal at step {step}; checkpoint saved in {run_dir} — "
+                  f"run the same command to resume", file=sys.stderr)
+            summary["stopped_at"] = step
+            break
+    summary["step"] = step
+    return summary
+
+
+def _check_finite(records, first_step: int, policy: str, last_good: int) -> None:
+    for offset, record in enumerate(records):
+        if not bool(record["finite"]) and policy == "stop":
+            raise NonFiniteLoss(
+                f"non-finite loss at step {first_step + offset}; stopped without saving it — "
+                f"the last good checkpoint is step {last_good} (set train.on_nonfinite=skip "
+                f"to skip such steps, or lower train.lr)"
+            )
+
+
+def _train_record(metrics: dict, step: int, tokens_per_s: float, config: Config) -> dict:
+    record = {"step": step}
+    for key, value in metrics.items():
+        if key.endswith("_K"):
+            record[key[:-2]] = _plain(value)
+        elif key not in ("finite",):
+            record[key] = _plain(value)
+    record["router_warmup"] = bool(metrics["router_warmup"])
+    record["tokens_per_s"] = tokens_per_s
+    record["mfu"] = mfu(tokens_per_s, config.model, config.model.context)
+    return record
+
+
+def _log_eval(sink, trainer, state, val, sharding, step: int) -> dict:
+    record = {"step": step, **evaluate(trainer, state.params, val, sharding)}
+    for key in ("val_exit_ce_K", "val_exit_mass_K"):
+        record[key[:-2]] = record.pop(key)
+    sink.log(record)
+    if jax.process_index() == 0:
+        print(f"eval step {step} · val loss {record['val_loss']:.4f} · "
+              f"val ce {record['val_mixture_ce']:.4f} · exit ce "
+              f"{', '.join(f'{c:.3f}' for c in record['val_exit_ce'])}", file=sys.stderr, flush=True)
+    return record
