@@ -179,11 +179,11 @@ def _loop(config, trainer, state, batches, manager, sink, stop, val, val_shardin
         if profile_at is not None and step == profile_at + train_cfg.profile_steps:
             jax.block_until_ready(state.step)
             jax.profiler.stop_trace()
-        stopping = step % SYNC_EVERY == 0 and stop.requested()
         boundary = (step % train_cfg.log_every == 0 or step % train_cfg.checkpoint_every == 0
                     or step % train_cfg.eval_every == 0 or step == train_cfg.steps)
-        if not (boundary or stopping or len(pending) >= SYNC_EVERY):
+        if not (boundary or len(pending) >= SYNC_EVERY):
             continue
+        stopping = stop.requested()  # at the same steps on every process
         records = jax.device_get(pending)
         now = time.time()
         _check_finite(records, step - len(records) + 1, train_cfg.on_nonfinite, last_good)

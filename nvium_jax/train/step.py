@@ -160,7 +160,7 @@ def _train_step(state: TrainState, batch_AxBxT1, *, graphdef, optimizer, config:
     )
     out = dict(metrics._asdict())
     out.update(
-        grad_norm=optax.global_norm(grads),
+        grad_norm=jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
         lr=lr_schedule(train)(state.step),
         beta=state.beta,
         finite=finite,
