@@ -6,6 +6,7 @@ import json
 import pathlib
 import sys
 import time
+import uuid
 from typing import Optional
 
 import jax
@@ -112,7 +113,7 @@ def _start_wandb(run_dir: pathlib.Path, config: Config):
     import wandb
 
     id_path = run_dir / "wandb_id"
-    run_id = id_path.read_text().strip() if id_path.is_file() else wandb.util.generate_id()
+    run_id = id_path.read_text().strip() if id_path.is_file() else uuid.uuid4().hex[:8]
     id_path.write_text(run_id)
     return wandb.init(
         project="nvium_jax", name=config.run.name or run_dir.name, id=run_id, resume="allow",
