@@ -94,6 +94,24 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from nvium_jax.data import prepare
+
+    meta = prepare(args.input, args.out, tokenizer=args.tokenizer, field=args.field,
+                   val_fraction=args.val_fraction, workers=args.workers, strict=args.strict,
+                   progress=True)
+    if args.json:
+        _print_json(meta)
+    else:
+        skipped = sum(meta["skipped"].values())
+        print(f"{args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
+              f"from {meta['documents']:,} documents, vocabulary {meta['vocab_size']:,}"
+              + (f", {skipped:,} records skipped" if skipped else "")
+              + (f", {meta['replaced_utf8']:,} invalid UTF-8 sequences replaced"
+                 if meta["replaced_utf8"] else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nvium",
@@ -141,6 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--steps", type=int, default=10)
     bench_train.add_argument("--json", action="store_true")
     bench_train.set_defaults(handler=_bench)
+
+    prep = commands.add_parser(
+        "prepare", help="tokenize text into a data dir (tensorstore token arrays)",
+        description="Tokenize plain text, JSON lines (.jsonl/.json, optionally .gz) or parquet into "
+                    "DIR/{train,val} token arrays, DIR/tokenizer.json and DIR/meta.json. A re-run "
+                    "on the same inputs and tokenizer does nothing.",
+    )
+    prep.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
+                      help="input files or quoted globs, e.g. 'data/*.jsonl'")
+    prep.add_argument("--out", required=True, metavar="DIR", help="the data dir to write")
+    prep.add_argument("--tokenizer", default="bpe:8192", metavar="PATH|bpe:VOCAB",
+                      help="a tokenizer.json, or bpe:VOCAB to train a byte-level BPE (default bpe:8192)")
+    prep.add_argument("--field", default="text", help="JSON field / parquet column (default text)")
+    prep.add_argument("--val-fraction", type=float, default=0.005,
+                      help="share of tokens held out for validation (default 0.005)")
+    prep.add_argument("--workers", type=int, default=None,
+                      help="tokenization processes (default: one per CPU core)")
+    prep.add_argument("--strict", action="store_true",
+                      help="fail on a bad JSON line instead of skipping and counting it")
+    prep.add_argument("--json", action="store_true", help="print meta.json as one JSON object")
+    prep.set_defaults(handler=_prepare)
     return parser
 
 
