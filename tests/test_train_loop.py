@@ -57,7 +57,7 @@ def train_losses(run_dir) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "full"
-    summary = train(small_config(data_dir, run_dir))
+    summary = train(small_config(data_dir, run_dir, "train.profile_steps=1"))
     return run_dir, summary
 
 
@@ -67,6 +67,7 @@ def test_run_dir_holds_everything(uninterrupted):
     for name in ("config.yaml", "tokenizer.json", "provenance.json", "metrics.jsonl"):
         assert (run_dir / name).is_file(), name
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
+    assert list((run_dir / "profile").rglob("*.xplane.pb")), "profiler trace of step 6"
     provenance = json.loads((run_dir / "provenance.json").read_text())
     assert provenance["devices"]["count"] == 8 and provenance["packages"]["jax"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

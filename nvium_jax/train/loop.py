@@ -236,8 +236,8 @@ def _log_eval(sink, trainer, state, val, sharding, step: int) -> dict:
     for key in ("val_exit_ce_K", "val_exit_mass_K"):
         record[key[:-2]] = record.pop(key)
     sink.log(record)
-    if jax.process_index() == 0:
-        print(f"eval step {step} · val loss {record['val_loss']:.4f} · "
+    sink.note(f"[cyan]eval step {step}[/cyan] · val loss {record['val_loss']:.4f} · "
               f"val ce {record['val_mixture_ce']:.4f} · exit ce "
-              f"{', '.join(f'{c:.3f}' for c in record['val_exit_ce'])}", file=sys.stderr, flush=True)
+              f"{', '.join(f'{c:.3f}' for c in record['val_exit_ce'])} · exit mass "
+              f"{', '.join(f'{m:.2f}' for m in record['val_exit_mass'])}")
     return record

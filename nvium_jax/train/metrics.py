@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 import time
 import uuid
 from typing import Optional
 
 import jax
+import rich.console
 
 from nvium_jax.config import Config, ModelConfig, config_to_dict
 
@@ -68,6 +68,7 @@ class MetricsSink:
         self.total_steps = config.train.steps
         self.started = time.time()
         self.start_step = resume_step
+        self.console = rich.console.Console(stderr=True)
         if self.is_main and config.run.wandb != "disabled":
             self.wandb = _start_wandb(run_dir, config)
 
@@ -92,12 +93,16 @@ class MetricsSink:
         done = max(step - self.start_step, 1)
         eta = (time.time() - self.started) / done * (self.total_steps - step)
         mfu_text = "–" if record.get("mfu") is None else f"{100 * record['mfu']:.1f}%"
-        print(
-            f"step {step}/{self.total_steps} · loss {record['loss']:.4f} · "
+        self.console.print(
+            f"[bold]step {step}/{self.total_steps}[/bold] · loss {record['loss']:.4f} · "
             f"ce {record['mixture_ce']:.4f} · depth {record['expected_depth']:.2f} · "
             f"{record['tokens_per_s']:,.0f} tok/s · MFU {mfu_text} · ETA {_clock(eta)}",
-            file=sys.stderr, flush=True,
+            highlight=False, soft_wrap=True,
         )
+
+    def note(self, text: str) -> None:
+        if self.is_main:
+            self.console.print(text, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.wandb is not None:
