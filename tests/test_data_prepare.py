@@ -151,7 +151,7 @@ def _word_level(path, n_words, special):
 def test_large_vocabularies_are_stored_as_uint32_with_bos(tmp_path):
     (tmp_path / "t.txt").write_text("w1 w70000 w5\nw69999 w2")
     spec = _word_level(tmp_path / "big.json", 70_001, ["<s>", "</s>"])
-    meta = prepare([str(tmp_path / "t.txt")], tmp_path / "out", tokenizer=spec, val_fraction=0, workers=0)
+    meta = prepare(str(tmp_path / "t.txt"), tmp_path / "out", tokenizer=spec, val_fraction=0, workers=0)
     assert (meta["dtype"], meta["bos_id"], meta["eos_id"]) == ("uint32", 1, 2)
     assert _tokens(tmp_path / "out", "train").tolist() == [1, 4, 70003, 8, 70002, 5, 2]
 

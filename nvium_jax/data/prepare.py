@@ -37,7 +37,7 @@ BPE_TRAIN_CHARS = 1 << 28  # a BPE is trained on at most the first 256 Mi charac
 
 
 def prepare(
-    inputs: list[str],
+    inputs: list[str] | str,
     out_dir: str | os.PathLike,
     *,
     tokenizer: str = "bpe:8192",
@@ -52,7 +52,7 @@ def prepare(
         raise DataError(f"val_fraction={val_fraction} must lie in [0, 1), e.g. 0.005")
     if workers is not None and workers < 0:
         raise DataError(f"workers={workers} must be at least 0 (0 or 1 = tokenize in this process)")
-    paths = expand_inputs(list(inputs))
+    paths = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
     kind, arg = parse_spec(tokenizer)
     given = load_tokenizer(arg) if kind == "file" else None
     out = pathlib.Path(out_dir)
