@@ -85,7 +85,7 @@ def _bench(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     from nvium_jax.train.bench import bench_train
 
-    record = bench_train(config, steps=args.steps)
+    record = bench_train(config, steps=args.steps, name=" ".join([args.config, *args.overrides]))
     if args.json:
         _print_json(record)
     else:

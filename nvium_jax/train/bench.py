@@ -22,8 +22,9 @@ def matched_baseline(config: Config) -> Config:
     return dataclasses.replace(config, model=model)
 
 
-def time_steps(config: Config, steps: int, warmup: int = 2) -> list[float]:
-    """Wall time of each of `steps` train steps after `warmup` (compile) steps."""
+def time_steps(config: Config, steps: int, warmup: int = 2, block: int = 5) -> list[float]:
+    """Seconds per train step over blocks of `block` back-to-back steps (dispatch pipelined
+    as in training, one host sync per block), after `warmup` compile steps."""
     mesh = make_mesh(config.mesh)
     trainer = make_trainer(config, mesh)
     state = trainer.init_fn()
@@ -31,21 +32,25 @@ def time_steps(config: Config, steps: int, warmup: int = 2) -> list[float]:
     shape = (t.grad_accum, t.batch_size // t.grad_accum, config.model.context + 1)
     tokens = np.random.default_rng(t.seed).integers(0, config.model.vocab_size, shape, np.int32)
     batch = jax.device_put(tokens, trainer.batch_sharding)
-    times = []
-    for i in range(warmup + steps):
-        started = time.perf_counter()
+    for _ in range(warmup):
         state, metrics = trainer.step_fn(state, batch)
         jax.block_until_ready(metrics["loss"])
-        if i >= warmup:
-            times.append(time.perf_counter() - started)
+    times = []
+    for start in range(0, steps, block):
+        n = min(block, steps - start)
+        started = time.perf_counter()
+        for _ in range(n):
+            state, metrics = trainer.step_fn(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append((time.perf_counter() - started) / n)
     return times
 
 
-def bench_train(config: Config, steps: int = 10) -> dict:
+def bench_train(config: Config, steps: int = 10, name: str = "") -> dict:
     baseline = matched_baseline(config)
     tokens = config.train.batch_size * config.model.context
     out = {"device": f"{jax.device_count()}× {jax.devices()[0].device_kind}",
-           "config": config.run.dir, "baseline_config": f"model.exits=[] model.d_ff={baseline.model.d_ff}"}
+           "config": name or config.run.dir, "baseline_config": f"model.exits=[] model.d_ff={baseline.model.d_ff}"}
     for name, cfg in (("nvium", config), ("baseline", baseline)):
         step_s = statistics.median(time_steps(cfg, steps))
         out[f"{name}_step_s"] = step_s
