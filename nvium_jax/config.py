@@ -291,12 +291,8 @@ def _coerce(key: str, tp, value):
         ):
             raise wrong
         return tuple(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise wrong
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+    if tp in (bool, int, str):  # YAML's true is an int to Python: not a valid int here
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise wrong
         return value
     if tp is float:
@@ -308,10 +304,6 @@ def _coerce(key: str, tp, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise wrong
-        return value
     raise TypeError(f"unsupported config type {tp} for {key}")
 
 
