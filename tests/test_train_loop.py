@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import yaml
 
+import nvium_jax
 from nvium_jax.config import ConfigError, config_to_dict, load_config
-from nvium_jax.data import prepare
+from nvium_jax.data import eval_windows, prepare
+from nvium_jax.model.loss import nvium_loss
 from nvium_jax.train.loop import NonFiniteLoss, train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -80,6 +82,22 @@ def test_run_dir_holds_everything(uninterrupted):
     assert [r["router_warmup"] for r in records if "loss" in r][:3] == [True, True, False]
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 4, 8]
+    assert {"val_mixture_ce", "val_exit_ce", "val_exit_mass", "val_expected_depth"} <= set(evals[0])
+
+
+def test_load_run_gives_the_trained_model(uninterrupted, data_dir):
+    run_dir, _ = uninterrupted
+    run = nvium_jax.load_run(run_dir)
+    assert run.step == 8 and run.config.model.d_model == 32
+    assert run.eos_id is not None and run.tokenizer.get_vocab_size() <= 320
+    windows = eval_windows(data_dir, context=16, batch=8, n_batches=1)[0]
+    metrics = nvium_loss(run.model, windows, beta=run.config.train.beta, chunk=16)
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = next(r for r in logged if r["step"] == 8 and "val_mixture_ce" in r)
+    assert float(metrics.mixture_ce) == pytest.approx(val["val_mixture_ce"], rel=1e-5)
+    assert nvium_jax.load_run(run_dir, step=4).step == 4
+    with pytest.raises(ConfigError, match=r"no checkpoint at step 5; it has steps \[4, 8\]"):
+        nvium_jax.load_run(run_dir, step=5)
 
 
 def rewind(run_dir, to, step: int):
@@ -126,7 +144,7 @@ def test_errors_come_before_any_step_and_touch_nothing(uninterrupted, data_dir, 
 
 
 def test_non_finite_loss_stops_or_skips(data_dir, tmp_path):
-    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step \d+.*last good checkpoint is step 0"):
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step \d+.*no checkpoint was saved yet"):
         train(small_config(data_dir, tmp_path / "stop", "train.lr=1e12", "train.warmup_steps=0",
                            "train.grad_clip=1e30"))
     summary = train(small_config(data_dir, tmp_path / "skip", "train.lr=1e12", "train.warmup_steps=0",

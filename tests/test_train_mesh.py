@@ -67,11 +67,18 @@ def _loss_and_grads(config, mesh_cfg, tokens_BxT1):
     return float(loss), jax.device_get(grads), grads
 
 
+TOKENS = np.random.default_rng(0).integers(0, 61, (8, 17)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def one_device(tiny_config):
+    return _loss_and_grads(tiny_config, None, TOKENS)[:2]
+
+
 @pytest.mark.parametrize("mesh_cfg", [MeshConfig(1, 8, 1), MeshConfig(2, 4, 1), MeshConfig(1, 2, 4)])
-def test_sharded_loss_and_gradients_equal_one_device(tiny_config, mesh_cfg):
-    tokens = np.random.default_rng(0).integers(0, 61, (8, 17)).astype(np.int32)
-    loss_1, grads_1, _ = _loss_and_grads(tiny_config, None, tokens)
-    loss_n, grads_n, sharded = _loss_and_grads(tiny_config, mesh_cfg, tokens)
+def test_sharded_loss_and_gradients_equal_one_device(tiny_config, one_device, mesh_cfg):
+    loss_1, grads_1 = one_device
+    loss_n, grads_n, sharded = _loss_and_grads(tiny_config, mesh_cfg, TOKENS)
     assert abs(loss_n - loss_1) <= 1e-5 * abs(loss_1)
     for a, b in zip(jax.tree.leaves(grads_n), jax.tree.leaves(grads_1)):
         np.testing.assert_allclose(a, b, atol=1e-5 * (np.abs(b).max() + 1e-8), rtol=0)

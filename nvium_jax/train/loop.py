@@ -154,6 +154,7 @@ def train(config: Config, command: Optional[list[str]] = None) -> dict:
     finally:
         manager.wait_until_finished()
         manager.close()
+        batches.close()
         sink.close()
     return summary
 
@@ -165,9 +166,9 @@ def _loop(config, trainer, state, batches, manager, sink, stop, val, val_shardin
                     config.model.context + 1)
     step = int(jax.device_get(state.step))
     summary: dict = {"start_step": step}
-    if step == 0 or step % train_cfg.eval_every == 0:
+    if step == 0:  # a resumed run logged its evaluations already
         summary["eval"] = _log_eval(sink, trainer, state, val, val_sharding, step)
-    pending, last_sync, last_good = [], time.time(), step
+    pending, last_sync, last_good = [], time.time(), (step or None)
     profile_at = step + 5 if train_cfg.profile_steps else None
     while step < train_cfg.steps:
         if profile_at is not None and step == profile_at:
@@ -208,13 +209,14 @@ def _loop(config, trainer, state, batches, manager, sink, stop, val, val_shardin
     return summary
 
 
-def _check_finite(records, first_step: int, policy: str, last_good: int) -> None:
+def _check_finite(records, first_step: int, policy: str, last_good: Optional[int]) -> None:
     for offset, record in enumerate(records):
         if not bool(record["finite"]) and policy == "stop":
+            kept = ("no checkpoint was saved yet" if last_good is None
+                    else f"the last good checkpoint is step {last_good}")
             raise NonFiniteLoss(
                 f"non-finite loss at step {first_step + offset}; stopped without saving it — "
-                f"the last good checkpoint is step {last_good} (set train.on_nonfinite=skip "
-                f"to skip such steps, or lower train.lr)"
+                f"{kept} (set train.on_nonfinite=skip to skip such steps, or lower train.lr)"
             )
 
 
