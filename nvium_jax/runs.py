@@ -16,7 +16,6 @@ from importlib import metadata
 from typing import Any, NamedTuple, Optional
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -222,10 +221,6 @@ def load_run(run_dir, step: Optional[int] = None) -> Run:
         tokenizer = load_tokenizer(tok_path)
         bos_id, eos_id = special_ids(tokenizer)
     return Run(config, model, tokenizer, int(step), bos_id, eos_id)
-
-
-def to_host(tree) -> Any:
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
 def command_line() -> list[str]:

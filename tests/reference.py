@@ -4,7 +4,6 @@ reading the same weights, plus helpers that make exits and routers non-trivial."
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from scipy.special import erf

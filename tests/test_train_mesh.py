@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from nvium_jax.config import ConfigError, MeshConfig, load_config
 from nvium_jax.train import step as step_lib
 from nvium_jax.train.step import micro_batches
-from nvium_jax.train.mesh import batch_sharding, logical_spec, make_mesh, mesh_shape, param_shardings
+from nvium_jax.train.mesh import batch_sharding, logical_spec, make_mesh, mesh_shape
 from tests.reference import randomize_exit_weights
 
 

@@ -2,7 +2,6 @@
 
 import math
 
-import jax.numpy as jnp
 import pytest
 from flax import nnx
 
