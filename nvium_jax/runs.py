@@ -100,26 +100,16 @@ def save_checkpoint(manager, state, data_state: dict, config: Config) -> None:
     )
 
 
-def _abstract(tree, shardings):
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
-
-
-def restore_checkpoint(manager, step: int, abstract_state, state_shardings):
-    """The train state at `step`, each array placed in the given (possibly new) shardings;
-    returns (state_fields dict, data_state)."""
-    counters_abs = {"step": abstract_state.step, "beta": abstract_state.beta,
-                    "skipped": abstract_state.skipped}
-    counters_sh = {"step": state_shardings.step, "beta": state_shardings.beta,
-                   "skipped": state_shardings.skipped}
+def restore_checkpoint(manager, step: int, target):
+    """The train state at `step` into `target` — a TrainState of ShapeDtypeStructs whose
+    shardings may differ from the saved run's mesh; returns (restored items, data state)."""
+    counters = {"step": target.step, "beta": target.beta, "skipped": target.skipped}
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(abstract_state.params, state_shardings.params)),
-            opt_state=ocp.args.StandardRestore(
-                _abstract(abstract_state.opt_state, state_shardings.opt_state)),
-            counters=ocp.args.StandardRestore(_abstract(counters_abs, counters_sh)),
+            params=ocp.args.StandardRestore(target.params),
+            opt_state=ocp.args.StandardRestore(target.opt_state),
+            counters=ocp.args.StandardRestore(counters),
             data=ocp.args.JsonRestore(),
         ),
     )

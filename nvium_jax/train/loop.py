@@ -21,7 +21,7 @@ from nvium_jax.runs import (
 )
 from nvium_jax.train.mesh import batch_sharding, data_parallel_size, make_mesh
 from nvium_jax.train.metrics import MetricsSink, mfu
-from nvium_jax.train.step import TrainState, make_trainer, micro_batches
+from nvium_jax.train.step import TrainState, abstract_state, make_trainer, micro_batches
 
 SYNC_EVERY = 10  # fetch a scalar at least this often: queued CPU collectives can deadlock
 
@@ -134,8 +134,7 @@ def train(config: Config, command: Optional[list[str]] = None) -> dict:
     manager = checkpoint_manager(run_dir, train_cfg.keep)
     if resuming:
         step = manager.latest_step()
-        abstract = jax.eval_shape(trainer.init_fn)
-        restored, data_state = restore_checkpoint(manager, step, abstract, trainer.state_shardings)
+        restored, data_state = restore_checkpoint(manager, step, abstract_state(trainer))
         counters = restored["counters"]
         state = TrainState(counters["step"], restored["params"], restored["opt_state"],
                            counters["beta"], counters["skipped"])

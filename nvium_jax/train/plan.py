@@ -13,7 +13,7 @@ import numpy as np
 from nvium_jax.config import Config
 from nvium_jax.model.count import param_count
 from nvium_jax.train.mesh import make_mesh
-from nvium_jax.train.step import make_trainer
+from nvium_jax.train.step import abstract_state, make_trainer
 
 
 def _nbytes(tree) -> int:
@@ -33,11 +33,7 @@ def plan(config: Config, devices, decode_batch: int = 1) -> dict:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="bfloat16"))
     mesh = make_mesh(config.mesh, devices)
     trainer = make_trainer(config, mesh)
-    abstract = jax.eval_shape(trainer.init_fn)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        abstract, trainer.state_shardings,
-    )
+    abstract = abstract_state(trainer)
     t = config.train
     batch = jax.ShapeDtypeStruct(
         (t.grad_accum, t.batch_size // t.grad_accum, config.model.context + 1), jnp.int32,

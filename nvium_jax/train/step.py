@@ -113,6 +113,14 @@ def micro_batches(local_BxT1: np.ndarray, grad_accum: int) -> np.ndarray:
     return local_BxT1.reshape(b // grad_accum, grad_accum, t).transpose(1, 0, 2)
 
 
+def abstract_state(trainer: Trainer) -> TrainState:
+    """The train state's shapes and dtypes, each leaf carrying its sharding; nothing allocated."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(trainer.init_fn), trainer.state_shardings,
+    )
+
+
 def router_warmup_steps(config: Config) -> int:
     return int(config.train.router_warmup_frac * config.train.steps)
 
