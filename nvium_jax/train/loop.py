@@ -108,7 +108,12 @@ def evaluate(trainer, params, windows_NxBxT1: np.ndarray, sharding) -> dict:
         local = batch[proc * rows:(proc + 1) * rows]
         results.append(jax.device_get(trainer.eval_fn(params, to_global(local, sharding, batch.shape))))
     mean = {k: np.mean([r._asdict()[k] for r in results], axis=0) for k in results[0]._fields}
-    return {f"val_{k}": _plain(v) for k, v in mean.items()}
+    return {f"val_{_metric_name(k)}": _plain(v) for k, v in mean.items()}
+
+
+def _metric_name(key: str) -> str:
+    """The logged name of a metric: `exit_ce_K` → `exit_ce` (a list, shallow → final)."""
+    return key[:-2] if key.endswith("_K") else key
 
 
 def _plain(value):
@@ -222,10 +227,8 @@ def _check_finite(records, first_step: int, policy: str, last_good: Optional[int
 def _train_record(metrics: dict, step: int, tokens_per_s: float, config: Config) -> dict:
     record = {"step": step}
     for key, value in metrics.items():
-        if key.endswith("_K"):
-            record[key[:-2]] = _plain(value)
-        elif key not in ("finite",):
-            record[key] = _plain(value)
+        if key != "finite":
+            record[_metric_name(key)] = _plain(value)
     record["router_warmup"] = bool(metrics["router_warmup"])
     record["tokens_per_s"] = tokens_per_s
     record["mfu"] = mfu(tokens_per_s, config.model, config.model.context)
@@ -234,8 +237,6 @@ def _train_record(metrics: dict, step: int, tokens_per_s: float, config: Config)
 
 def _log_eval(sink, trainer, state, val, sharding, step: int) -> dict:
     record = {"step": step, **evaluate(trainer, state.params, val, sharding)}
-    for key in ("val_exit_ce_K", "val_exit_mass_K"):
-        record[key[:-2]] = record.pop(key)
     sink.log(record)
     sink.note(f"[cyan]eval step {step}[/cyan] · val loss {record['val_loss']:.4f} · "
               f"val ce {record['val_mixture_ce']:.4f} · exit ce "
