@@ -17,8 +17,13 @@ def _set_simulated_devices(n: int) -> None:
     os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
 
 
-def _print_json(record: dict) -> None:
-    print(json.dumps(record))
+def _print_record(record: dict, as_json: bool) -> None:
+    """One JSON object, or one aligned `key: value` line per field."""
+    if as_json:
+        print(json.dumps(record))
+        return
+    for key, value in record.items():
+        print(f"{key:>24}: {value:,}" if isinstance(value, int) else f"{key:>24}: {value}")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -45,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if args.json:
-        _print_json(summary)
+        _print_record(summary, as_json=True)
     return 0
 
 
@@ -68,16 +73,10 @@ def _plan(args: argparse.Namespace) -> int:
 
     from nvium_jax.train.plan import plan
 
-    devices = jax.devices()
-    if devices[0].platform != "cpu" and len(devices) != n_devices:
-        devices = jax.devices("cpu")[:n_devices]
-    devices = devices[:n_devices] if devices[0].platform == "cpu" else devices
-    record = plan(config, devices, decode_batch=args.decode_batch)
-    if args.json:
-        _print_json(record)
-    else:
-        for key, value in record.items():
-            print(f"{key:>24}: {value:,}" if isinstance(value, int) else f"{key:>24}: {value}")
+    accelerators = jax.devices()  # an accelerator host with exactly the mesh's devices plans on them
+    on_accelerators = accelerators[0].platform != "cpu" and len(accelerators) == n_devices
+    devices = accelerators if on_accelerators else jax.devices("cpu")[:n_devices]
+    _print_record(plan(config, devices, decode_batch=args.decode_batch), args.json)
     return 0
 
 
@@ -86,11 +85,7 @@ def _bench(args: argparse.Namespace) -> int:
     from nvium_jax.train.bench import bench_train
 
     record = bench_train(config, steps=args.steps, name=" ".join([args.config, *args.overrides]))
-    if args.json:
-        _print_json(record)
-    else:
-        for key, value in record.items():
-            print(f"{key:>24}: {value}")
+    _print_record(record, args.json)
     return 0
 
 
@@ -101,7 +96,7 @@ def _prepare(args: argparse.Namespace) -> int:
                    val_fraction=args.val_fraction, workers=args.workers, strict=args.strict,
                    progress=True)
     if args.json:
-        _print_json(meta)
+        _print_record(meta, as_json=True)
     else:
         skipped = sum(meta["skipped"].values())
         print(f"{args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
