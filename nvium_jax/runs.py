@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import pathlib
 import platform
 import shutil
@@ -21,6 +20,7 @@ from flax import nnx
 
 from nvium_jax.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config
 from nvium_jax.model import build_model
+from nvium_jax.paths import atomic_write_text
 
 # keys that may change when a run resumes, silently; model.* may not change at all
 RESUMABLE_CHANGES = ("train.steps", "train.keep", "train.on_nonfinite", "run.wandb", "run.dir")
@@ -162,7 +162,7 @@ def write_run_files(run_dir: pathlib.Path, config: Config, tokenizer_path: pathl
     if jax.process_index() != 0:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / "config.yaml", dump_config(config))
+    atomic_write_text(run_dir / "config.yaml", dump_config(config))
     if tokenizer_path.resolve() != (run_dir / "tokenizer.json").resolve():
         shutil.copyfile(tokenizer_path, run_dir / "tokenizer.json")
     record = provenance(command)
@@ -174,13 +174,7 @@ def write_run_files(run_dir: pathlib.Path, config: Config, tokenizer_path: pathl
             record = first
         except json.JSONDecodeError:
             pass
-    _atomic_write(path, json.dumps(record, indent=2))
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=2))
 
 
 def load_run(run_dir, step: Optional[int] = None) -> Run:

@@ -17,6 +17,7 @@ import re
 import sys
 
 from nvium_jax.config import Config
+from nvium_jax.paths import atomic_write_text
 from nvium_jax.data.prepare import prepare
 from nvium_jax.data.store import DataError, read_meta
 from nvium_jax.data.tokenizer import load_tokenizer, parse_spec, tokenizer_hash
@@ -57,11 +58,8 @@ def corpus_file(cache_dir: pathlib.Path) -> pathlib.Path:
     path = cache_dir / "corpus" / f"{CORPUS}.jsonl"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for document in kjv_documents():
-                f.write(json.dumps({"text": document}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        lines = (json.dumps({"text": document}, ensure_ascii=False) + "\n" for document in kjv_documents())
+        atomic_write_text(path, "".join(lines))
     return path
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import tensorstore as ts
 
 from nvium_jax.config import ConfigError
+from nvium_jax.paths import atomic_write_text
 
 FORMAT = "nvium-tokens/1"
 SPLITS = ("train", "val")
@@ -130,10 +131,4 @@ def _meta_problem(meta) -> str | None:
 
 def write_meta(data_dir: str | os.PathLike, meta: dict) -> None:
     """Writes meta.json atomically (temp file, fsync, rename): it is there whole or not at all."""
-    path = pathlib.Path(data_dir) / "meta.json"
-    tmp = path.with_name(f".meta.json.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(pathlib.Path(data_dir) / "meta.json", json.dumps(meta, indent=1))
