@@ -14,7 +14,7 @@ from nvium_jax.config import Config
 from nvium_jax.model.count import matched_baseline_d_ff
 from nvium_jax.train.mesh import make_mesh
 from nvium_jax.train.metrics import mfu
-from nvium_jax.train.step import make_trainer
+from nvium_jax.train.step import make_trainer, step_batch_shape
 
 
 def matched_baseline(config: Config) -> Config:
@@ -28,9 +28,8 @@ def time_steps(config: Config, steps: int, warmup: int = 2, block: int = 5) -> l
     mesh = make_mesh(config.mesh)
     trainer = make_trainer(config, mesh)
     state = trainer.init_fn()
-    t = config.train
-    shape = (t.grad_accum, t.batch_size // t.grad_accum, config.model.context + 1)
-    tokens = np.random.default_rng(t.seed).integers(0, config.model.vocab_size, shape, np.int32)
+    tokens = np.random.default_rng(config.train.seed).integers(
+        0, config.model.vocab_size, step_batch_shape(config), np.int32)
     batch = jax.device_put(tokens, trainer.batch_sharding)
     for _ in range(warmup):
         state, metrics = trainer.step_fn(state, batch)

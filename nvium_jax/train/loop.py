@@ -21,7 +21,9 @@ from nvium_jax.runs import (
 )
 from nvium_jax.train.mesh import batch_sharding, data_parallel_size, make_mesh
 from nvium_jax.train.metrics import MetricsSink, mfu
-from nvium_jax.train.step import TrainState, abstract_state, make_trainer, micro_batches
+from nvium_jax.train.step import (
+    TrainState, abstract_state, make_trainer, micro_batches, step_batch_shape,
+)
 
 SYNC_EVERY = 10  # fetch a scalar at least this often: queued CPU collectives can deadlock
 
@@ -166,8 +168,7 @@ def train(config: Config, command: Optional[list[str]] = None) -> dict:
 def _loop(config, trainer, state, batches, manager, sink, stop, val, val_sharding, run_dir) -> dict:
     train_cfg = config.train
     tokens_per_step = train_cfg.batch_size * config.model.context
-    global_shape = (train_cfg.grad_accum, train_cfg.batch_size // train_cfg.grad_accum,
-                    config.model.context + 1)
+    global_shape = step_batch_shape(config)
     step = int(jax.device_get(state.step))
     summary: dict = {"start_step": step}
     if step == 0:  # a resumed run logged its evaluations already

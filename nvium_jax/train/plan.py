@@ -13,7 +13,7 @@ import numpy as np
 from nvium_jax.config import Config
 from nvium_jax.model.count import param_count
 from nvium_jax.train.mesh import make_mesh
-from nvium_jax.train.step import abstract_state, make_trainer
+from nvium_jax.train.step import abstract_state, make_trainer, step_batch_shape
 
 
 def _nbytes(tree) -> int:
@@ -35,10 +35,7 @@ def plan(config: Config, devices, decode_batch: int = 1) -> dict:
     trainer = make_trainer(config, mesh)
     abstract = abstract_state(trainer)
     t = config.train
-    batch = jax.ShapeDtypeStruct(
-        (t.grad_accum, t.batch_size // t.grad_accum, config.model.context + 1), jnp.int32,
-        sharding=trainer.batch_sharding,
-    )
+    batch = jax.ShapeDtypeStruct(step_batch_shape(config), jnp.int32, sharding=trainer.batch_sharding)
     started = time.time()
     compiled = trainer.step_fn.lower(abstract, batch).compile()
     compile_s = time.time() - started

@@ -106,6 +106,12 @@ def make_trainer(config: Config, mesh: Mesh) -> Trainer:
     )
 
 
+def step_batch_shape(config: Config) -> tuple[int, int, int]:
+    """The global token batch one train step takes: [A micro-batches, B/A, T+1]."""
+    t = config.train
+    return (t.grad_accum, t.batch_size // t.grad_accum, config.model.context + 1)
+
+
 def micro_batches(local_BxT1: np.ndarray, grad_accum: int) -> np.ndarray:
     """[B_local, T+1] → [A, B_local/A, T+1]: micro-batch a holds rows r ≡ a (mod A), so each
     process's rows stay contiguous inside every micro-batch."""
