@@ -70,10 +70,12 @@ def apply_rope(x_BxTxHxE: jax.Array, cos_BxTxE: jax.Array, sin_BxTxE: jax.Array)
 
 
 class LayerCache(NamedTuple):
-    """One layer's keys (after RoPE) and values, position-indexed: [B, S, G, E]."""
+    """Keys (after RoPE) and values, position-indexed: one layer's [B, S, G, E], or — with
+    `layer` set — the whole stack's [L, B, S, G, E], of which this call uses `layer`."""
 
     k_BxSxGxE: jax.Array
     v_BxSxGxE: jax.Array
+    layer: Optional[jax.Array] = None
 
 
 def attend(
@@ -97,14 +99,20 @@ def attend(
     return out_BxTxGxRxE.reshape(B, T, H, E)
 
 
-def write_cache(cache_BxSxGxE: jax.Array, new_BxTxGxE: jax.Array, positions_BxT, write_BxT):
-    """Scatters new keys/values to their positions; rows/slots with write=False keep the old."""
-    S = cache_BxSxGxE.shape[1]
-    rows_Bx1 = jnp.arange(cache_BxSxGxE.shape[0])[:, None]
+def write_cache(cache, new_BxTxGxE: jax.Array, positions_BxT, write_BxT, layer=None):
+    """Scatters new keys/values to their positions (of `layer` when the cache is the whole
+    [L, B, S, G, E] stack, in place); rows/slots with write=False keep the old values."""
+    B, S = new_BxTxGxE.shape[0], cache.shape[-3]
+    rows_Bx1 = jnp.arange(B)[:, None]
     target_BxT = jnp.where(write_BxT, positions_BxT, S)  # S is out of range: dropped
-    return cache_BxSxGxE.at[rows_Bx1, target_BxT].set(
-        new_BxTxGxE.astype(cache_BxSxGxE.dtype), mode="drop"
-    )
+    index = (rows_Bx1, target_BxT) if layer is None else (layer, rows_Bx1, target_BxT)
+    return cache.at[index].set(new_BxTxGxE.astype(cache.dtype), mode="drop")
+
+
+def cache_attend(q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, q_pos_BxT):
+    """A block of queries against a position-indexed cache: key s sits at position s."""
+    B, S = k_BxSxGxE.shape[:2]
+    return attend(q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, q_pos_BxT, jnp.broadcast_to(jnp.arange(S), (B, S)))
 
 
 class Attention(nnx.Module):
@@ -125,9 +133,12 @@ class Attention(nnx.Module):
         positions_BxT: jax.Array,
         cache: Optional[LayerCache] = None,
         write_BxT: Optional[jax.Array] = None,
+        attend_fn=None,
     ):
         """Self-attention over the block itself, or — given a cache — over the cache after
-        writing the block's K/V into it at their positions. Returns (out, cache)."""
+        writing the block's K/V into it at their positions. `attend_fn(q, k, v, q_pos)` is
+        the cache attention (default `cache_attend`; decoding may pass a Pallas kernel).
+        Returns (out, cache)."""
         dt = self.dtype
         x = x_BxTxD.astype(dt)
         q_BxTxHxE = jnp.einsum("btd,dhe->bthe", x, self.wq[...].astype(dt))
@@ -141,15 +152,17 @@ class Attention(nnx.Module):
         else:
             if write_BxT is None:
                 write_BxT = jnp.ones(positions_BxT.shape, bool)
+            layer = cache.layer
             cache = LayerCache(
-                write_cache(cache.k_BxSxGxE, k_BxTxGxE, positions_BxT, write_BxT),
-                write_cache(cache.v_BxSxGxE, v_BxTxGxE, positions_BxT, write_BxT),
+                write_cache(cache.k_BxSxGxE, k_BxTxGxE, positions_BxT, write_BxT, layer),
+                write_cache(cache.v_BxSxGxE, v_BxTxGxE, positions_BxT, write_BxT, layer),
+                layer,
             )
-            S = cache.k_BxSxGxE.shape[1]
-            k_pos_BxS = jnp.broadcast_to(jnp.arange(S), (x.shape[0], S))
-            out = attend(
-                q_BxTxHxE, cache.k_BxSxGxE.astype(dt), cache.v_BxSxGxE.astype(dt),
-                positions_BxT, k_pos_BxS,
+            k_BxSxGxE, v_BxSxGxE = cache.k_BxSxGxE, cache.v_BxSxGxE
+            if layer is not None:
+                k_BxSxGxE, v_BxSxGxE = k_BxSxGxE[layer], v_BxSxGxE[layer]
+            out = (attend_fn or cache_attend)(
+                q_BxTxHxE, k_BxSxGxE.astype(dt), v_BxSxGxE.astype(dt), positions_BxT
             )
         return jnp.einsum("bthe,hed->btd", out.astype(dt), self.wo[...].astype(dt)), cache
 
@@ -181,8 +194,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, dtype, n_stack)
         self.mlp = SwiGLU(cfg, rngs, dtype, n_stack)
 
-    def __call__(self, h_BxTxD, positions_BxT, cache=None, write_BxT=None):
-        attn_out, cache = self.attn(self.attn_norm(h_BxTxD), positions_BxT, cache, write_BxT)
+    def __call__(self, h_BxTxD, positions_BxT, cache=None, write_BxT=None, attend_fn=None):
+        attn_out, cache = self.attn(
+            self.attn_norm(h_BxTxD), positions_BxT, cache, write_BxT, attend_fn
+        )
         h_BxTxD = h_BxTxD + attn_out.astype(h_BxTxD.dtype)
         h_BxTxD = h_BxTxD + self.mlp(self.mlp_norm(h_BxTxD)).astype(h_BxTxD.dtype)
         return h_BxTxD, cache

@@ -120,26 +120,31 @@ class Nvium(nnx.Module):
         write_BxT: Optional[jax.Array] = None,
         remat: str = "none",
         unroll: bool = False,
+        attend_fn=None,
     ):
-        """Layers [start, stop) on a block of positions. `caches` holds those layers' K/V,
-        [stop − start, B, S, G, E] each; returns (h, caches)."""
+        """Layers [start, stop) on a block of positions. `caches` is the whole stack's K/V,
+        [n_layers, B, S, G, E] each, updated in place at those layers; positions where
+        `write_BxT` is False are not written. Returns (h, caches)."""
         graphdef, stacked = nnx.split(self.blocks)
         layers = jax.tree.map(lambda w: w[start:stop], stacked)
 
-        def layer(h, layer_state_and_cache):
-            layer_state, cache = layer_state_and_cache
-            return nnx.merge(graphdef, layer_state)(h, positions_BxT, cache, write_BxT)
+        def layer(carry, layer_state_and_index):
+            h, caches = carry
+            layer_state, index = layer_state_and_index
+            cache = None if caches is None else LayerCache(*caches[:2], index)
+            block = nnx.merge(graphdef, layer_state)
+            h, cache = block(h, positions_BxT, cache, write_BxT, attend_fn)
+            return (h, None if cache is None else LayerCache(*cache[:2])), None
 
         if remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        carry = (h_BxTxD, None if caches is None else LayerCache(*caches[:2]))
         if unroll:
-            outs = []
             for i in range(stop - start):
-                h_BxTxD, cache = layer(h_BxTxD, jax.tree.map(lambda w: w[i], (layers, caches)))
-                outs.append(cache)
-            new_caches = None if caches is None else jax.tree.map(lambda *c: jnp.stack(c), *outs)
-            return h_BxTxD, new_caches
-        return jax.lax.scan(layer, h_BxTxD, (layers, caches))
+                carry, _ = layer(carry, (jax.tree.map(lambda w: w[i], layers), start + i))
+        else:
+            carry, _ = jax.lax.scan(layer, carry, (layers, jnp.arange(start, stop)))
+        return carry
 
     def exit_norm(self, k: int, h_BxTxD: jax.Array) -> jax.Array:
         """z_k: the normalised stream that exit k's router and adapter read (0-based k)."""
