@@ -89,6 +89,117 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decode_model(args: argparse.Namespace):
+    """(model, window) from --run (its latest checkpoint) or --config (fresh weights)."""
+    if (args.run is None) == (args.config is None):
+        raise ConfigError("give exactly one of --run RUN_DIR or --config CFG.yaml")
+    if args.run is not None:
+        from nvium_jax.runs import load_run
+
+        run = load_run(args.run)
+        return run.model, run.config.decode
+    config = load_config(args.config, args.overrides)
+    from nvium_jax.model import build_model
+
+    return build_model(config.model, seed=0), config.decode
+
+
+def _bench_decode(args: argparse.Namespace) -> int:
+    from nvium_jax.eval.decode_bench import bench_decode
+
+    rates = None
+    if args.exit_rates:
+        try:
+            rates = [float(x) for x in args.exit_rates.split(",")]
+        except ValueError:
+            raise ConfigError(f"--exit-rates {args.exit_rates!r}: give K comma-separated fractions, "
+                              f"e.g. 0.35,0.25,0.15,0.25") from None
+    model, decode = _decode_model(args)
+    record = bench_decode(
+        model, batch=args.batch, max_new_tokens=args.max_new_tokens, exit_rates=rates,
+        repeats=args.repeats, window=decode.window if args.window is None else args.window,
+        schedule=args.schedule, advance=args.advance, attention=decode.attention,
+    )
+    _print_record(record, args.json)
+    return 0
+
+
+NON_EXACT_OPTIONS = ("temperature", "top_k", "top_p")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from nvium_jax.inference import generate
+    from nvium_jax.runs import load_run
+
+    non_exact = [f"--{name.replace('_', '-')}" for name in NON_EXACT_OPTIONS
+                 if getattr(args, name) is not None and not (name == "temperature" and args.temperature == 1.0)]
+    decode = args.decode
+    if decode is None:
+        decode = "dense" if non_exact else "deferred"
+        if non_exact:
+            print(f"note: {', '.join(non_exact)} act on the full mixture: decoding with --decode dense",
+                  file=sys.stderr)
+    if args.prompts_file is not None:
+        try:
+            texts = [line.rstrip("\n") for line in open(args.prompts_file, encoding="utf-8")]
+        except OSError as err:
+            raise ConfigError(f"--prompts-file {args.prompts_file}: {err.strerror}") from None
+        texts = [text for text in texts if text.strip()]
+        if not texts:
+            raise ConfigError(f"--prompts-file {args.prompts_file} has no prompts (one per line)")
+    else:
+        texts = [args.prompt]
+    run = load_run(args.run)
+    prefix = [] if run.bos_id is None else [run.bos_id]
+    prompts = [prefix + run.tokenizer.encode(text).ids for text in texts]
+    streamed = {"n": 0}
+
+    def stream(tokens_BxN, lengths_B):
+        n = int(lengths_B[0])
+        text = run.tokenizer.decode(tokens_BxN[0, :n].tolist())
+        print(text[streamed["n"]:], end="", flush=True)
+        streamed["n"] = len(text)
+
+    streaming = len(texts) == 1 and not args.json
+    if streaming:
+        print(texts[0], end="", flush=True)
+    start = time.perf_counter()
+    out = generate(
+        run.model, prompts, args.max_new_tokens, seed=args.seed, decode=decode,
+        window=run.config.decode.window, eos_id=run.eos_id,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=args.top_k, top_p=args.top_p, attention=run.config.decode.attention,
+        on_tokens=stream if streaming else None,
+    )
+    seconds = time.perf_counter() - start
+    samples = []
+    for b, text in enumerate(texts):
+        n = int(out.lengths_B[b])
+        tokens = out.tokens_BxN[b, :n].tolist()
+        samples.append({"prompt": text, "text": run.tokenizer.decode(tokens), "tokens": tokens,
+                        "exits": out.exits_BxN[b, :n].tolist()})
+    tokens_per_s = float(np.sum(out.lengths_B)) / seconds
+    if args.json:
+        print(json.dumps({"samples": samples, "tokens_per_s": round(tokens_per_s, 2),
+                          "flushes": out.flushes}))
+        return 0
+    if streaming:
+        print()
+    else:
+        for sample in samples:
+            print(f"{sample['prompt']}{sample['text']}\n")
+    exits = out.exits_BxN[out.exits_BxN >= 0]
+    mix = (", exits " + " ".join(f"{x:.2f}" for x in np.bincount(exits, minlength=run.model.config.n_exits)
+                                 / exits.size)) if exits.size else ""
+    print(f"[{int(out.lengths_B.sum())} tokens, {tokens_per_s:.1f} tokens/s incl. compile, "
+          f"{out.flushes} flushes, decode={decode}{mix}]", file=sys.stderr)
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from nvium_jax.data import prepare
 
@@ -142,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(handler=_plan)
 
-    bench = commands.add_parser("bench", help="benchmarks (train)")
+    bench = commands.add_parser("bench", help="benchmarks (train, decode)")
     bench_kinds = bench.add_subparsers(dest="kind", required=True, metavar="KIND")
     bench_train = bench_kinds.add_parser(
         "train", help="N-vium vs its matched baseline: step time, tokens/s, MFU",
@@ -154,6 +265,47 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--steps", type=int, default=10)
     bench_train.add_argument("--json", action="store_true")
     bench_train.set_defaults(handler=_bench)
+    bench_decode = bench_kinds.add_parser(
+        "decode", help="deferred vs dense vs the matched baseline: tokens/s and the byte model",
+        description="Decode the same random 16-token prompts with N-vium deferred, N-vium dense "
+                    "and the parameter-matched baseline (fresh weights of the same size); print "
+                    "medians of interleaved repeats (compile excluded), the speedups, the byte "
+                    "model's ideal speedup for the measured exits and the efficiency.",
+    )
+    bench_decode.add_argument("--config", help="a YAML config (fresh weights)")
+    bench_decode.add_argument("--run", help="a run dir (its latest checkpoint)")
+    bench_decode.add_argument("overrides", nargs="*", metavar="key=value")
+    bench_decode.add_argument("--batch", type=int, default=1)
+    bench_decode.add_argument("--max-new-tokens", type=int, default=128)
+    bench_decode.add_argument("--exit-rates", metavar="r1,..,rK",
+                              help="force the fraction of tokens leaving at each exit through the "
+                                   "router biases, e.g. 0.35,0.25,0.15,0.25")
+    bench_decode.add_argument("--repeats", type=int, default=5)
+    bench_decode.add_argument("--window", type=int, default=None, help="default: decode.window")
+    bench_decode.add_argument("--schedule", choices=["wait", "lockstep"], default="wait")
+    bench_decode.add_argument("--advance", action="store_true",
+                              help="rows advance their pending blocks through every segment that runs")
+    bench_decode.add_argument("--json", action="store_true")
+    bench_decode.set_defaults(handler=_bench_decode)
+
+    gen = commands.add_parser(
+        "generate", help="sample text from a run (exact deferred decoding by default)",
+        description="Sample continuations of prompts from a run's latest checkpoint. Without "
+                    "--json a single prompt's text is streamed as it is produced.",
+    )
+    gen.add_argument("--run", required=True, metavar="RUN_DIR")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt")
+    source.add_argument("--prompts-file", metavar="F", help="one prompt per line, decoded as a batch")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--decode", choices=["deferred", "dense"], default=None,
+                     help="default deferred; dense when a non-exact sampler is asked for")
+    gen.add_argument("--temperature", type=float, default=None, help="0 = greedy (dense only)")
+    gen.add_argument("--top-k", type=int, default=None, help="dense only")
+    gen.add_argument("--top-p", type=float, default=None, help="dense only")
+    gen.add_argument("--json", action="store_true")
+    gen.set_defaults(handler=_generate)
 
     prep = commands.add_parser(
         "prepare", help="tokenize text into a data dir (tensorstore token arrays)",
@@ -182,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ConfigError as err:
+    except (ConfigError, ValueError) as err:  # a user's mistake: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
 

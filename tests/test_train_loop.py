@@ -212,3 +212,27 @@ def test_two_processes_equal_one(uninterrupted, data_dir, tmp_path):
     expected, got = train_losses(full_dir), train_losses(run_dir)
     np.testing.assert_allclose([got[s] for s in range(1, 9)], [expected[s] for s in range(1, 9)],
                                rtol=1e-5)
+
+
+def test_generate_cli_decodes_the_run(uninterrupted, capsys):
+    """`nvium generate --json` gives the tokens `generate` gives for the same prompt and seed."""
+    from nvium_jax.cli import main
+    from nvium_jax.inference import generate
+
+    run_dir, _ = uninterrupted
+    assert main(["generate", "--run", str(run_dir), "--prompt", "the king", "--max-new-tokens",
+                 "6", "--seed", "3", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert set(record) == {"samples", "tokens_per_s", "flushes"}
+    sample = record["samples"][0]
+    run = nvium_jax.load_run(run_dir)
+    prompt = ([] if run.bos_id is None else [run.bos_id]) + run.tokenizer.encode("the king").ids
+    out = generate(run.model, [prompt], 6, seed=3, eos_id=run.eos_id)
+    n = int(out.lengths_B[0])
+    assert sample["tokens"] == out.tokens_BxN[0, :n].tolist()
+    assert sample["exits"] == out.exits_BxN[0, :n].tolist()
+    assert sample["text"] == run.tokenizer.decode(sample["tokens"]) and sample["prompt"] == "the king"
+    # a non-exact sampler with --decode deferred is one clear error
+    assert main(["generate", "--run", str(run_dir), "--prompt", "the", "--top-k", "3",
+                 "--decode", "deferred"]) == 2
+    assert 'needs decode="dense"' in capsys.readouterr().err

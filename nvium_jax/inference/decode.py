@@ -53,10 +53,16 @@ class DecodeState(NamedTuple):
     done_B: jax.Array
     prompt_len_B: jax.Array
     row_key_Bx2: jax.Array  # fold_in(PRNGKey(seed), b)
+    eos_id: jax.Array  # scalar int32, −1 = none (traced: changing it does not recompile)
     tokens_BxN: jax.Array
     exits_BxN: jax.Array
     flushes: jax.Array  # scalar int32
     iterations: jax.Array  # scalar int32
+    # what the loop ran, for the byte model of `nvium bench decode` (prefill not counted)
+    segment_runs_K: jax.Array  # batch-wide runs of each segment (flushes included)
+    kv_reads: jax.Array  # Σ over runs and running rows of layers × positions of KV read
+    exit_runs_K: jax.Array  # iterations in which some row drew from exit k (its adapter)
+    head_runs: jax.Array  # iterations that ran the shared head
 
 
 class GenerateOutput(NamedTuple):
@@ -74,7 +80,6 @@ class DecodeOptions:
     mode: str  # deferred | dense
     window: int
     max_new_tokens: int
-    eos_id: int  # −1 = none
     context: int
     temperature: float = 1.0
     top_k: Optional[int] = None
@@ -201,8 +206,7 @@ def record_tokens(state: DecodeState, sampled_B, token_B, exit_B, opts) -> Decod
     slot_B = jnp.where(sampled_B, state.n_B, opts.max_new_tokens)  # out of range: dropped
     n_B = state.n_B + sampled_B
     stop_B = (n_B >= opts.max_new_tokens) | (state.prompt_len_B + n_B >= opts.context)
-    if opts.eos_id >= 0:
-        stop_B |= token_B == opts.eos_id
+    stop_B |= (state.eos_id >= 0) & (token_B == state.eos_id)
     return state._replace(
         tokens_BxN=state.tokens_BxN.at[rows_B, slot_B].set(token_B, mode="drop"),
         exits_BxN=state.exits_BxN.at[rows_B, slot_B].set(exit_B, mode="drop"),
@@ -215,8 +219,24 @@ def record_tokens(state: DecodeState, sampled_B, token_B, exit_B, opts) -> Decod
     )
 
 
+def count_run(state: DecodeState, s: int, rows_B, stop_B, model) -> DecodeState:
+    """Segment s ran for `rows_B`, each reading its layers' KV below `stop_B`."""
+    start, stop = model.config.segments[s]
+    kv = jnp.sum(jnp.where(rows_B, stop_B, 0).astype(jnp.float32)) * (stop - start)
+    return state._replace(
+        segment_runs_K=state.segment_runs_K.at[s].add(1), kv_reads=state.kv_reads + kv
+    )
+
+
+def count_exits(state: DecodeState, sampled_B, exit_B, n_exits: int) -> DecodeState:
+    drawn_K = jnp.any(sampled_B[:, None] & (exit_B[:, None] == jnp.arange(n_exits)), axis=0)
+    return state._replace(
+        exit_runs_K=state.exit_runs_K + drawn_K, head_runs=state.head_runs + jnp.any(sampled_B)
+    )
+
+
 # ---- prefill ------------------------------------------------------------------------
-def prefill(model, prompts_BxP, prompt_len_B, row_key_Bx2, cache_len: int, opts) -> DecodeState:
+def prefill(model, prompts_BxP, prompt_len_B, row_key_Bx2, eos_id, cache_len: int, opts) -> DecodeState:
     """All layers over the right-padded prompts in one pass, then the first draw at
     position P_b − 1 (gates from every exit there; one head)."""
     cfg = model.config
@@ -248,10 +268,15 @@ def prefill(model, prompts_BxP, prompt_len_B, row_key_Bx2, cache_len: int, opts)
         done_B=jnp.zeros((B,), bool),
         prompt_len_B=prompt_len_B.astype(jnp.int32),
         row_key_Bx2=row_key_Bx2,
+        eos_id=jnp.asarray(eos_id, jnp.int32),
         tokens_BxN=jnp.full((B, N), NOT_SAMPLED, jnp.int32),
         exits_BxN=jnp.full((B, N), NOT_SAMPLED, jnp.int32),
         flushes=jnp.int32(0),
         iterations=jnp.int32(0),
+        segment_runs_K=jnp.zeros((K,), jnp.int32),
+        kv_reads=jnp.float32(0),
+        exit_runs_K=jnp.zeros((K,), jnp.int32),
+        head_runs=jnp.int32(0),
     )
     keys_BxKx2 = token_keys(row_key_Bx2, state.n_B, K)
     token_B, exit_B = choose_exit(model, jnp.stack(exit_h), keys_BxKx2, opts)
@@ -274,6 +299,9 @@ def dense_iteration(model, state: DecodeState, active_B, opts) -> DecodeState:
     token_B, exit_B = choose_exit(model, jnp.stack(exit_h), keys_BxKx2, opts)
     fill_BxK = jnp.where(valid_Bx1, state.pos_B[:, None] + 1, state.fill_BxK)
     state = state._replace(k_cache=caches.k_BxSxGxE, v_cache=caches.v_BxSxGxE, fill_BxK=fill_BxK)
+    for s in range(K):
+        state = count_run(state, s, active_B, state.pos_B + 1, model)
+    state = count_exits(state, active_B, exit_B, K)
     return record_tokens(state, active_B, token_B, exit_B, opts)
 
 
@@ -349,7 +377,8 @@ def deferred_iteration(model, state: DecodeState, active_B, opts) -> DecodeState
                 state = state._replace(
                     k_cache=caches.k_BxSxGxE, v_cache=caches.v_BxSxGxE, ring_BxRxD=ring, fill_BxK=fill_BxK
                 )
-                return state, h_Bx1xD[:, 0]
+                return count_run(state, 0, rows_B, stop_B, model), h_Bx1xD[:, 0]
+            state = count_run(state, s, rows_B, stop_B, model)
             return run_blocks(state, s, start_B, stop_B, rows_B, model, opts)
 
         state, h_t_BxD = jax.lax.cond(
@@ -368,6 +397,7 @@ def deferred_iteration(model, state: DecodeState, active_B, opts) -> DecodeState
         state = state._replace(need_B=need_B)
     age_B = jnp.where(moved_B, 0, state.age_B + (active_B & (state.need_B > 0)))
     state = state._replace(age_B=age_B, flushes=state.flushes + jnp.any(flush_B))
+    state = count_exits(state, sampled_B, exit_B, K)
     token_B = jax.lax.cond(
         jnp.any(sampled_B),
         lambda: draw_from_head(model, chosen_BxD, keys_BxKx2),
@@ -419,8 +449,9 @@ def flush_state(model, state: DecodeState, opts) -> DecodeState:
 
 # ---- jitted entry points --------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "opts"))
-def _prefill_jit(graphdef, params, prompts_BxP, prompt_len_B, row_key_Bx2, cache_len, opts):
-    return prefill(nnx.merge(graphdef, params), prompts_BxP, prompt_len_B, row_key_Bx2, cache_len, opts)
+def _prefill_jit(graphdef, params, prompts_BxP, prompt_len_B, row_key_Bx2, eos_id, cache_len, opts):
+    model = nnx.merge(graphdef, params)
+    return prefill(model, prompts_BxP, prompt_len_B, row_key_Bx2, eos_id, cache_len, opts)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("state",))
@@ -496,11 +527,11 @@ def default_wait_rows(batch: int) -> int:
     return max(1, math.ceil(3 * batch / 8))
 
 
-def decode_options(model, batch, max_new_tokens, decode, window, eos_id, temperature, top_k, top_p,
+def decode_options(model, batch, max_new_tokens, decode, window, temperature, top_k, top_p,
                    schedule, advance, wait_rows, wait_age, attention, unroll) -> DecodeOptions:
     return DecodeOptions(
-        mode=decode, window=int(window), max_new_tokens=int(max_new_tokens),
-        eos_id=-1 if eos_id is None else int(eos_id), context=model.config.context,
+        mode=decode, window=int(window) if decode == "deferred" else 1,  # dense defers nothing
+        max_new_tokens=int(max_new_tokens), context=model.config.context,
         temperature=float(temperature), top_k=None if top_k is None else int(top_k),
         top_p=None if top_p is None else float(top_p), schedule=schedule, advance=bool(advance),
         wait_rows=default_wait_rows(batch) if wait_rows is None else int(wait_rows),
@@ -551,12 +582,12 @@ def generate(
     check_sampling(decode, temperature, top_k, top_p, window, max_new_tokens, schedule)
     prompts_BxP, prompt_len_B = prompt_batch(prompts, cfg.vocab_size, cfg.context)
     B = prompts_BxP.shape[0]
-    opts = decode_options(model, B, max_new_tokens, decode, window, eos_id, temperature, top_k,
+    opts = decode_options(model, B, max_new_tokens, decode, window, temperature, top_k,
                           top_p, schedule, advance, wait_rows, wait_age, attention, unroll)
     graphdef, params = nnx.split(model)
     cache_len = cache_length(prompts_BxP.shape[1], opts.max_new_tokens, cfg.context)
     state = _prefill_jit(graphdef, params, jnp.asarray(prompts_BxP), jnp.asarray(prompt_len_B),
-                         row_keys(seed, B), cache_len, opts)
+                         row_keys(seed, B), -1 if eos_id is None else int(eos_id), cache_len, opts)
     if on_tokens is None:
         state = _loop_jit(graphdef, params, state, jnp.int32(opts.max_new_tokens), opts)
     else:
@@ -585,6 +616,6 @@ def flush(model, state: DecodeState, *, window: Optional[int] = None, attention:
     position fed in (0 … P_b + n_b − 2)."""
     ring = state.ring_BxRxD.shape[1]
     opts = DecodeOptions(mode="deferred", window=ring - 1, max_new_tokens=state.tokens_BxN.shape[1],
-                         eos_id=-1, context=model.config.context, attention=attention, unroll=unroll)
+                         context=model.config.context, attention=attention, unroll=unroll)
     graphdef, params = nnx.split(model)
     return _flush_jit(graphdef, params, state, opts)

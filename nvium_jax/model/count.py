@@ -33,3 +33,8 @@ def matched_baseline_d_ff(cfg: ModelConfig, multiple: int = 32) -> int:
     no_ffn = backbone_param_count(dataclasses.replace(cfg, d_ff=0, exits=()))
     exact = (target - no_ffn) / per_unit
     return max(multiple, multiple * round(exact / multiple))
+
+
+def matched_baseline_model(cfg: ModelConfig) -> ModelConfig:
+    """The parameter-matched baseline of an N-vium model: no exits, FFN widened."""
+    return dataclasses.replace(cfg, exits=(), d_ff=matched_baseline_d_ff(cfg))

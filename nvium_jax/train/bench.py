@@ -11,15 +11,14 @@ import jax
 import numpy as np
 
 from nvium_jax.config import Config
-from nvium_jax.model.count import matched_baseline_d_ff
+from nvium_jax.model.count import matched_baseline_model
 from nvium_jax.train.mesh import make_mesh
 from nvium_jax.train.metrics import mfu
 from nvium_jax.train.step import make_trainer, step_batch_shape
 
 
 def matched_baseline(config: Config) -> Config:
-    model = dataclasses.replace(config.model, exits=(), d_ff=matched_baseline_d_ff(config.model))
-    return dataclasses.replace(config, model=model)
+    return dataclasses.replace(config, model=matched_baseline_model(config.model))
 
 
 def time_steps(config: Config, steps: int, warmup: int = 2, block: int = 5) -> list[float]:

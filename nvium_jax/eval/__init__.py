@@ -1,0 +1,1 @@
+"""Evaluation and benchmarks that read a model, never the trainer."""

@@ -1,0 +1,172 @@
+"""`nvium bench decode`: deferred vs dense vs the matched baseline, and the byte model.
+
+The same prompts are decoded by (a) N-vium deferred, (b) N-vium dense (same weights, every
+layer) and (c) the parameter-matched baseline; repeats are interleaved (a, b, c, a, b, c, …)
+so drifting machine speed hits all three alike, compile and warm-up are excluded, and the
+medians give `speedup = a / c` (the paper's headline) and `speedup_vs_dense = a / b`.
+
+Byte model (DESIGN §1 "Cost model"): small-batch decode is memory-bound, so a run costs the
+bytes it reads — each segment's weights once per run of that segment (whatever the block
+or batch), the router MLP of an early exit per run of its segment, an exit's adapter per
+iteration that draws from it, the shared head per iteration that draws, and per running
+row the KV of the segment's layers below its position. The decode loop counts those runs
+(`DecodeState.segment_runs_K`, `kv_reads`, `exit_runs_K`, `head_runs`), so
+`ideal_speedup = dense bytes / deferred bytes` for the very tokens both produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nvium_jax.config import ModelConfig
+from nvium_jax.inference import generate
+from nvium_jax.model import build_model
+from nvium_jax.model.count import matched_baseline_model
+from nvium_jax.model.transformer import compute_dtype
+
+REFERENCE_EXIT_RATES = (0.35, 0.25, 0.15, 0.25)
+PROMPT_TOKENS = 16
+
+
+def gate_probabilities(exit_rates: Sequence[float]) -> list[float]:
+    """q_k of each early exit that makes the fractions leaving at each exit `exit_rates`:
+    q_1 = r_1, q_k = r_k / (1 − Σ_{j<k} r_j)."""
+    rates = [float(r) for r in exit_rates]
+    if any(r < 0 for r in rates) or abs(sum(rates) - 1.0) > 1e-6:
+        raise ValueError(f"--exit-rates {rates}: give K non-negative fractions that sum to 1")
+    gates, left = [], 1.0
+    for rate in rates[:-1]:
+        gates.append(min(1.0, rate / left) if left > 0 else 1.0)
+        left -= rate
+    return gates
+
+
+def force_exit_rates(model, exit_rates: Sequence[float]) -> None:
+    """Zeroes every router's output weights and sets its exit-minus-continue bias to
+    logit(q_k), so every token leaves at exit k with probability exit_rates[k]."""
+    K = model.config.n_exits
+    if len(exit_rates) != K:
+        raise ValueError(
+            f"--exit-rates has {len(exit_rates)} numbers but the model has {K} exits "
+            f"(after layers {list(model.config.exit_depths)}): give one fraction per exit"
+        )
+    for exit_, q in zip(model.exits, gate_probabilities(exit_rates)):
+        q = min(max(q, 1e-7), 1 - 1e-7)
+        exit_.router_out[...] = jnp.zeros_like(exit_.router_out[...])
+        exit_.router_out_bias[...] = jnp.asarray([np.log(q) - np.log1p(-q), 0.0], exit_.router_out_bias.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteCosts:
+    """Bytes read per run of each piece, in the compute dtype."""
+
+    segment_K: tuple[float, ...]  # weights of each segment's layers
+    router_K: tuple[float, ...]  # router MLP of each early exit (0 for the final)
+    adapter_K: tuple[float, ...]  # norm + adapter of each early exit, final norm for the last
+    head: float
+    kv_per_layer_position: float
+
+
+def byte_costs(cfg: ModelConfig) -> ByteCosts:
+    size = jnp.dtype(compute_dtype(cfg.dtype)).itemsize
+    D, F, E, H, G = cfg.d_model, cfg.d_ff, cfg.head_dim, cfg.n_heads, cfg.kv_heads
+    A, R = cfg.adapter_width, cfg.router_width
+    layer = 2 * D * H * E + 2 * D * G * E + 3 * D * F + 2 * D
+    early = len(cfg.early_exits)
+    return ByteCosts(
+        segment_K=tuple(size * layer * (stop - start) for start, stop in cfg.segments),
+        router_K=tuple([size * (D * R + R + 2 * R + 2)] * early + [0.0]),
+        adapter_K=tuple([size * (D + 2 * D * A)] * early + [size * D]),
+        head=size * D * cfg.vocab_size,
+        kv_per_layer_position=size * 2 * G * E,
+    )
+
+
+def bytes_read(state, costs: ByteCosts) -> float:
+    """What one decode read, from the loop's run counters."""
+    runs_K = np.asarray(state.segment_runs_K, np.float64)
+    exits_K = np.asarray(state.exit_runs_K, np.float64)
+    return float(
+        runs_K @ (np.array(costs.segment_K) + np.array(costs.router_K))
+        + exits_K @ np.array(costs.adapter_K)
+        + float(state.head_runs) * costs.head
+        + float(state.kv_reads) * costs.kv_per_layer_position
+    )
+
+
+def bench_prompts(vocab_size: int, batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab_size, (batch, PROMPT_TOKENS), np.int32)
+
+
+def bench_decode(
+    model,
+    *,
+    batch: int = 1,
+    max_new_tokens: int = 128,
+    exit_rates: Optional[Sequence[float]] = None,
+    repeats: int = 5,
+    window: int = 16,
+    schedule: str = "wait",
+    advance: bool = False,
+    attention: str = "auto",
+    seed: int = 0,
+) -> dict:
+    """Tokens/s of deferred, dense and the matched baseline on the same prompts (DESIGN §3
+    keys), plus the byte model's ideal speedup and the measured exit distribution."""
+    cfg = model.config
+    if exit_rates is not None:
+        force_exit_rates(model, exit_rates)
+    baseline = build_model(matched_baseline_model(cfg), seed=seed)
+    prompts = bench_prompts(cfg.vocab_size, batch, seed)
+    if PROMPT_TOKENS + 1 >= cfg.context:
+        raise ValueError(f"model.context={cfg.context} leaves no room after {PROMPT_TOKENS}-token prompts")
+    n_new = min(max_new_tokens, cfg.context - PROMPT_TOKENS)
+    common = dict(seed=seed, window=window, attention=attention)
+    runs = {
+        "nvium": lambda: generate(model, prompts, n_new, schedule=schedule, advance=advance,
+                                  return_state=True, **common),
+        "dense": lambda: generate(model, prompts, n_new, decode="dense", return_state=True, **common),
+        "baseline": lambda: generate(baseline, prompts, n_new, decode="dense", **common),
+    }
+    outputs = {name: run() for name, run in runs.items()}  # compile and warm up
+    seconds = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            outputs[name] = run()
+            seconds[name].append(time.perf_counter() - start)
+    tokens = {name: int(out.lengths_B.sum()) for name, out in outputs.items()}
+    rate = {name: tokens[name] / statistics.median(seconds[name]) for name in runs}
+    deferred, dense = outputs["nvium"], outputs["dense"]
+    if not np.array_equal(deferred.tokens_BxN, dense.tokens_BxN) and cfg.dtype == "float32":
+        raise RuntimeError("deferred and dense decoding disagree in float32: a bug, please report")
+    costs = byte_costs(cfg)
+    ideal = bytes_read(dense.state, costs) / bytes_read(deferred.state, costs)
+    exits = deferred.exits_BxN[deferred.exits_BxN >= 0]
+    distribution = np.bincount(exits, minlength=cfg.n_exits) / max(1, exits.size)
+    speedup_vs_dense = rate["nvium"] / rate["dense"]
+    device = jax.devices()[0]
+    return {
+        "device": f"{device.platform}:{getattr(device, 'device_kind', device.platform)}",
+        "batch": batch,
+        "new_tokens": n_new,
+        "exit_distribution": [round(float(x), 4) for x in distribution],
+        "nvium_tokens_per_s": round(rate["nvium"], 2),
+        "dense_tokens_per_s": round(rate["dense"], 2),
+        "baseline_tokens_per_s": round(rate["baseline"], 2),
+        "speedup": round(rate["nvium"] / rate["baseline"], 4),
+        "speedup_vs_dense": round(speedup_vs_dense, 4),
+        "ideal_speedup": round(ideal, 4),
+        "efficiency": round(speedup_vs_dense / ideal, 4),
+        "flushes": deferred.flushes,
+        "schedule": schedule if batch > 1 else "batch 1",
+        "window": window,
+        "repeats": repeats,
+    }

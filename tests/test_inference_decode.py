@@ -1,0 +1,209 @@
+"""Exact deferred decoding against independent references: the dense decode (every layer,
+same random stream), a full-sequence pass for the cache, the exact mixture probabilities of
+`model(tokens)` for the distribution of the first three tokens (chi-square), and the
+mixture's argmax for greedy."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from nvium_jax.config import ModelConfig
+from nvium_jax.inference import flush, generate
+from nvium_jax.model import build_model, mixture_logprobs
+from nvium_jax.model.layers import LayerCache
+from tests.reference import randomize_exit_weights
+
+CFG = ModelConfig(
+    vocab_size=37, n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, context=96,
+    exits=(1, 2, 3), adapter_hidden=24, router_hidden=16, router_bias_init=-0.6, dtype="float32",
+)
+PROMPT_LENGTHS = (3, 7, 1, 12)
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = build_model(CFG, seed=0)
+    randomize_exit_weights(model, seed=1, scale=1.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, CFG.vocab_size, n).tolist() for n in PROMPT_LENGTHS]
+
+
+def dense_cache(model, tokens):
+    """Every layer's K/V of one sequence from a full-sequence pass, [L, T, G, E]."""
+    T, L, G, E = len(tokens), CFG.n_layers, CFG.kv_heads, CFG.head_dim
+    caches = LayerCache(jnp.zeros((L, 1, T, G, E)), jnp.zeros((L, 1, T, G, E)))
+    h = model.embed(jnp.asarray(tokens)[None])
+    _, caches = model.run_layers(h, jnp.arange(T)[None], 0, L, caches=caches)
+    return np.asarray(caches.k_BxSxGxE[:, 0]), np.asarray(caches.v_BxSxGxE[:, 0])
+
+
+@pytest.mark.parametrize(
+    "window, schedule, advance",
+    [(16, "wait", False), (3, "lockstep", False), (3, "wait", True)],
+)
+def test_deferred_equals_dense(model, prompts, window, schedule, advance):
+    all_exits = []
+    for seed in (0, 1, 2):
+        dense = generate(model, prompts, 64, seed=seed, decode="dense")
+        deferred = generate(
+            model, prompts, 64, seed=seed, window=window, schedule=schedule, advance=advance
+        )
+        np.testing.assert_array_equal(deferred.tokens_BxN, dense.tokens_BxN)
+        np.testing.assert_array_equal(deferred.exits_BxN, dense.exits_BxN)
+        np.testing.assert_array_equal(deferred.lengths_B, [64] * 4)
+        if window == 3:
+            assert deferred.flushes > 0
+        all_exits.append(deferred.exits_BxN)
+    exits = np.concatenate(all_exits).ravel()
+    assert np.mean(exits < CFG.n_exits - 1) >= 0.2  # early exits happen …
+    assert np.mean(exits > 0) >= 0.2  # … and tokens go past the first exit: blocks ran
+
+
+def test_flush_completes_the_cache(model, prompts):
+    out = generate(model, prompts, 40, seed=5, window=3, schedule="wait", advance=True,
+                   return_state=True)
+    state = flush(model, out.state)
+    pending = 0.0
+    for b, prompt in enumerate(prompts):
+        fed = prompt + out.tokens_BxN[b, : out.lengths_B[b] - 1].tolist()
+        k_ref, v_ref = dense_cache(model, fed)
+        T = len(fed)
+        np.testing.assert_allclose(state.k_cache[:, b, :T], k_ref, atol=1e-5)
+        np.testing.assert_allclose(state.v_cache[:, b, :T], v_ref, atol=1e-5)
+        pending = max(pending, float(np.abs(out.state.k_cache[:, b, :T] - k_ref).max()))
+    assert pending > 1e-2  # before the flush some upper layers were still deferred
+
+
+def test_rows_are_independent_and_stop_on_their_own(model, prompts):
+    """EOS in one row, the context limit in another, a one-token prompt, W = 1 and a
+    budget that ends mid-window; a row's tokens never depend on the other rows."""
+    context_row = np.random.default_rng(1).integers(0, CFG.vocab_size, CFG.context - 3).tolist()
+    batch = [prompts[2], prompts[1], context_row]
+    free = generate(model, batch, 12, seed=4, window=16)
+    eos = int(free.tokens_BxN[1, 5])
+    out = generate(model, batch, 12, seed=4, window=16, eos_id=eos)
+    for b in range(3):
+        row = free.tokens_BxN[b]
+        stop = min(int(np.argmax(row == eos)) + 1 if (row == eos).any() else 12, 12)
+        if b == 2:
+            stop = min(stop, 3)  # prompt length + new tokens reaches the context
+        assert out.lengths_B[b] == stop
+        np.testing.assert_array_equal(out.tokens_BxN[b, :stop], row[:stop])
+        assert (out.tokens_BxN[b, stop:] == -1).all() and (out.exits_BxN[b, stop:] == -1).all()
+    # row 0 alone, and beside other prompts, gives the same tokens (row index and seed only)
+    other = generate(model, [prompts[2], prompts[3][:7], context_row], 12, seed=4, window=16)
+    np.testing.assert_array_equal(other.tokens_BxN[0], free.tokens_BxN[0])
+    # W = 1 (no deferral) is still exact
+    no_deferral = generate(model, batch, 12, seed=4, window=1)
+    np.testing.assert_array_equal(no_deferral.tokens_BxN, free.tokens_BxN)
+    np.testing.assert_array_equal(no_deferral.exits_BxN, free.exits_BxN)
+
+
+def test_streaming_chunks_equal_one_loop(model, prompts):
+    seen = []
+    streamed = generate(model, prompts, 20, seed=9, window=3,
+                        on_tokens=lambda tokens, n: seen.append(n.copy()), stream_every=4)
+    whole = generate(model, prompts, 20, seed=9, window=3)
+    np.testing.assert_array_equal(streamed.tokens_BxN, whole.tokens_BxN)
+    assert len(seen) > 3 and (np.diff(np.array(seen), axis=0) >= 0).all()
+
+
+def test_pallas_attention_in_the_loop(model, prompts):
+    pallas = generate(model, prompts[:2], 6, seed=2, window=4, attention="pallas")
+    reference = generate(model, prompts[:2], 6, seed=2, window=4, attention="reference")
+    np.testing.assert_array_equal(pallas.tokens_BxN, reference.tokens_BxN)
+    np.testing.assert_array_equal(pallas.exits_BxN, reference.exits_BxN)
+
+
+def test_greedy_and_top_k_one_follow_the_mixture_argmax(model, prompts):
+    greedy = generate(model, [prompts[1]], 6, temperature=0.0, decode="dense")
+    top1 = generate(model, [prompts[1]], 6, top_k=1, decode="dense", seed=3)
+    np.testing.assert_array_equal(top1.tokens_BxN, greedy.tokens_BxN)
+    assert (greedy.exits_BxN == -2).all()
+    sequence = np.array(prompts[1] + greedy.tokens_BxN[0].tolist())
+    out = model(sequence[None])
+    logp = np.asarray(mixture_logprobs(out.exit_logp_KxBxTxV, out.route_logp_BxTxK))[0]
+    P = len(prompts[1])
+    np.testing.assert_array_equal(logp[P - 1 : P + 5].argmax(-1), greedy.tokens_BxN[0])
+
+
+def test_baseline_model_decodes_like_its_dense_pass():
+    base = build_model(dataclasses.replace(CFG, exits=()), seed=0)
+    deferred = generate(base, [[1, 2, 3]], 8, seed=1)
+    dense = generate(base, [[1, 2, 3]], 8, seed=1, decode="dense")
+    np.testing.assert_array_equal(deferred.tokens_BxN, dense.tokens_BxN)
+    assert (deferred.exits_BxN == 0).all() and deferred.flushes == 0
+
+
+def joint_first_three(model, prompt, vocab, final_exit_only=False):
+    """Exact P(y1, y2, y3 | prompt) from the dense forward, [V, V, V] — or, for the power
+    check, that of a wrong sampler that always draws from the final exit."""
+    V, P = vocab, len(prompt)
+    grid = np.array([[a, b] for a in range(V) for b in range(V)])
+    out = model(np.concatenate([np.tile(prompt, (V * V, 1)), grid], axis=1))
+    route_logp = out.route_logp_BxTxK
+    if final_exit_only:
+        route_logp = jnp.zeros_like(route_logp).at[..., :-1].set(-jnp.inf)
+    logp = np.asarray(mixture_logprobs(out.exit_logp_KxBxTxV, route_logp), np.float64)
+    p1 = np.exp(logp[0, P - 1])
+    p2 = np.exp(logp[::V, P]).reshape(V, V)  # [y1, y2]
+    p3 = np.exp(logp[:, P + 1]).reshape(V, V, V)  # [y1, y2, y3]
+    joint = p1[:, None, None] * p2[:, :, None] * p3
+    return joint / joint.sum()
+
+
+def chi_square_p(counts, expected_probs, n):
+    expected = expected_probs.ravel() * n
+    counts = counts.ravel()
+    small = expected < 5
+    observed = np.append(counts[~small], counts[small].sum())
+    expected = np.append(expected[~small], expected[small].sum())
+    return stats.chisquare(observed, expected).pvalue
+
+
+@pytest.mark.slow
+def test_first_three_tokens_follow_the_exact_mixture():
+    vocab, n = 6, 6000
+    cfg = dataclasses.replace(CFG, vocab_size=vocab, router_bias_init=-0.4)
+    model = build_model(cfg, seed=3)
+    randomize_exit_weights(model, seed=4, scale=2.0)
+    model.head[...] = model.head[...] * 60.0  # exits' distributions clearly differ
+    prompt = [1, 4, 2]
+    out = generate(model, [prompt] * n, 3, seed=11, window=16)
+    exits = out.exits_BxN
+    assert 0.2 <= np.mean(exits < cfg.n_exits - 1) and np.mean(exits[:, 1:] > 0) >= 0.2
+    counts = np.zeros((vocab,) * 3)
+    np.add.at(counts, tuple(out.tokens_BxN.T), 1)
+    joint = joint_first_three(model, prompt, vocab)
+    assert chi_square_p(counts, joint, n) > 1e-3
+    # power: the same test rejects a sampler that always uses the final exit
+    wrong = joint_first_three(model, prompt, vocab, final_exit_only=True)
+    wrong_counts = np.random.default_rng(0).multinomial(n, wrong.ravel())
+    assert chi_square_p(wrong_counts, joint, n) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts=[[1, 99]]), "token id 99, outside the vocabulary"),
+        (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+        (dict(prompts=[[1] * CFG.context]), "must be shorter than the context"),
+        (dict(top_k=5), 'needs decode="dense"'),
+        (dict(temperature=0.7), 'needs decode="dense"'),
+        (dict(top_p=0.9), 'needs decode="dense"'),
+        (dict(decode="fast"), 'use "deferred" or "dense"'),
+        (dict(max_new_tokens=0), "max_new_tokens=0"),
+    ],
+)
+def test_bad_inputs_raise_one_clear_error(model, kwargs, message):
+    args = dict(prompts=[[1, 2, 3]], max_new_tokens=4) | kwargs
+    with pytest.raises(ValueError, match=message):
+        generate(model, args.pop("prompts"), args.pop("max_new_tokens"), **args)
