@@ -339,6 +339,31 @@ def run_blocks(state, s, start_B, stop_B, rows_B, model, opts):
     return state._replace(fill_BxK=fill_BxK), h_t_BxD.reshape(B, D)
 
 
+def first_segment(state: DecodeState, rows_B, model, opts):
+    """Segment 0 on each running row's new token x_t (a block of one); returns (state, h_t)."""
+    B, t_B, R = rows_B.shape[0], state.pos_B, opts.ring
+    caches = LayerCache(state.k_cache, state.v_cache)
+    h_Bx1xD = model.embed(state.token_B[:, None])
+    h_Bx1xD, caches = run_segment(model, 0, h_Bx1xD, t_B[:, None], rows_B[:, None], caches, opts)
+    ring = state.ring_BxRxD.at[jnp.arange(B), jnp.where(rows_B, t_B % R, R)].set(h_Bx1xD[:, 0], mode="drop")
+    fill_BxK = state.fill_BxK.at[:, 0].set(jnp.where(rows_B, t_B + 1, state.fill_BxK[:, 0]))
+    state = state._replace(k_cache=caches.k_BxSxGxE, v_cache=caches.v_BxSxGxE, ring_BxRxD=ring,
+                           fill_BxK=fill_BxK)
+    return count_run(state, 0, rows_B, t_B + 1, model), h_Bx1xD[:, 0]
+
+
+def exit_decision(model, s: int, h_t_BxD, gate_rows_B, keys_BxKx2):
+    """Rows of `gate_rows_B` whose token exits at s (u_s < q_s; always at the final exit),
+    and the head input of exit s for them (the adapter runs only when one exits)."""
+    z_BxD = model.exit_norm(s, h_t_BxD)
+    if s < model.config.n_exits - 1:
+        exits_B = gate_rows_B & (gate_uniform(keys_BxKx2, s) < gate_q(model, s, z_BxD))
+    else:
+        exits_B = gate_rows_B
+    state_BxD = jax.lax.cond(jnp.any(exits_B), lambda: model.exit_state(s, z_BxD), lambda: z_BxD)
+    return exits_B, state_BxD
+
+
 def deferred_iteration(model, state: DecodeState, active_B, opts) -> DecodeState:
     cfg = model.config
     K, B, D = cfg.n_exits, state.pos_B.shape[0], cfg.d_model
@@ -353,43 +378,29 @@ def deferred_iteration(model, state: DecodeState, active_B, opts) -> DecodeState
     for s in range(K):
         waiting_B = active_B & (state.need_B == s)
         if s == 0:
-            gate_rows_B = waiting_B
+            gate_rows_B = rows_B = waiting_B
+            start_B, stop_B = t_B, t_B + 1
         else:
-            gate_rows_B = waiting_B & ~flush_B & segment_runs(waiting_B & ~flush_B, state, fed_new_token, opts)
-        if s == 0:
-            start_B, stop_B, rows_B = t_B, t_B + 1, gate_rows_B
-        else:
+            gate_rows_B = waiting_B & ~flush_B
+            gate_rows_B &= segment_runs(gate_rows_B, state, fed_new_token, opts)
             advance_B = flush_B | (opts.advance & jnp.any(gate_rows_B) & active_B & ~gate_rows_B)
             start_B = state.fill_BxK[:, s]
             stop_B = jnp.where(gate_rows_B, t_B + 1, jnp.minimum(state.fill_BxK[:, s - 1], t_B))
             rows_B = gate_rows_B | advance_B
 
-        def run(state, s=s, start_B=start_B, stop_B=stop_B, rows_B=rows_B):
+        def run(state, s=s, start_B=start_B, stop_B=stop_B, rows_B=rows_B, gate_rows_B=gate_rows_B):
             if s == 0:
-                h_Bx1xD = model.embed(state.token_B[:, None])
-                caches = LayerCache(state.k_cache, state.v_cache)
-                pos_Bx1, valid_Bx1 = t_B[:, None], rows_B[:, None]
-                h_Bx1xD, caches = run_segment(model, 0, h_Bx1xD, pos_Bx1, valid_Bx1, caches, opts)
-                ring = state.ring_BxRxD.at[jnp.arange(B), jnp.where(rows_B, t_B % opts.ring, opts.ring)].set(
-                    h_Bx1xD[:, 0], mode="drop"
-                )
-                fill_BxK = state.fill_BxK.at[:, 0].set(jnp.where(rows_B, t_B + 1, state.fill_BxK[:, 0]))
-                state = state._replace(
-                    k_cache=caches.k_BxSxGxE, v_cache=caches.v_BxSxGxE, ring_BxRxD=ring, fill_BxK=fill_BxK
-                )
-                return count_run(state, 0, rows_B, stop_B, model), h_Bx1xD[:, 0]
-            state = count_run(state, s, rows_B, stop_B, model)
-            return run_blocks(state, s, start_B, stop_B, rows_B, model, opts)
+                state, h_t_BxD = first_segment(state, rows_B, model, opts)
+            else:
+                state = count_run(state, s, rows_B, stop_B, model)
+                state, h_t_BxD = run_blocks(state, s, start_B, stop_B, rows_B, model, opts)
+            return (state, *exit_decision(model, s, h_t_BxD, gate_rows_B, keys_BxKx2))
 
-        state, h_t_BxD = jax.lax.cond(
-            jnp.any(rows_B), run, lambda state: (state, jnp.zeros((B, D), model.dtype)), state
-        )
-        z_BxD = model.exit_norm(s, h_t_BxD)
-        if s < K - 1:
-            exits_now_B = gate_rows_B & (gate_uniform(keys_BxKx2, s) < gate_q(model, s, z_BxD))
-        else:
-            exits_now_B = gate_rows_B
-        chosen_BxD = jnp.where(exits_now_B[:, None], model.exit_state(s, z_BxD), chosen_BxD)
+        def skip(state):
+            return state, jnp.zeros((B,), bool), jnp.zeros((B, D), model.dtype)
+
+        state, exits_now_B, exit_state_BxD = jax.lax.cond(jnp.any(rows_B), run, skip, state)
+        chosen_BxD = jnp.where(exits_now_B[:, None], exit_state_BxD, chosen_BxD)
         exit_B = jnp.where(exits_now_B, s, exit_B)
         sampled_B |= exits_now_B
         moved_B |= gate_rows_B
