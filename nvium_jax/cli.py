@@ -118,7 +118,8 @@ def _bench_decode(args: argparse.Namespace) -> int:
     record = bench_decode(
         model, batch=args.batch, max_new_tokens=args.max_new_tokens, exit_rates=rates,
         repeats=args.repeats, window=decode.window if args.window is None else args.window,
-        schedule=args.schedule, advance=args.advance, attention=decode.attention,
+        schedule=args.schedule, attention=decode.attention,
+        reference_layouts=args.reference_layouts.split(","),
     )
     _print_record(record, args.json)
     return 0
@@ -282,9 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "router biases, e.g. 0.35,0.25,0.15,0.25")
     bench_decode.add_argument("--repeats", type=int, default=5)
     bench_decode.add_argument("--window", type=int, default=None, help="default: decode.window")
-    bench_decode.add_argument("--schedule", choices=["wait", "lockstep"], default="wait")
-    bench_decode.add_argument("--advance", action="store_true",
-                              help="rows advance their pending blocks through every segment that runs")
+    bench_decode.add_argument("--schedule", choices=["advance", "lockstep", "wait", "wait+advance"],
+                              default="advance", help="how a batch shares deep segments (README)")
+    bench_decode.add_argument("--reference-layouts", default="unrolled,scan", metavar="L1,L2",
+                              help="layer layouts timed for dense and baseline, each counted at its "
+                                   "fastest (default unrolled,scan)")
     bench_decode.add_argument("--json", action="store_true")
     bench_decode.set_defaults(handler=_bench_decode)
 

@@ -2,13 +2,13 @@
 each batch schedule), on one model, printed as a Markdown table.
 
     python -m scripts.bench_decode --config configs/nvium-125m.yaml \
-        [--batches 1,2,4,8] [--schedules wait,lockstep,advance] [--max-new-tokens 64] \
+        [--batches 1,2,4,8] [--schedules advance,lockstep,wait,wait+advance] [--max-new-tokens 64] \
         [--exit-rates 0.35,0.25,0.15,0.25] [--repeats 5] [--attention auto] [--json]
 
 Schedules: `lockstep` (a deep segment runs whenever a row needs it; rows that do not are
 masked), `advance` (lockstep, and masked rows advance their own pending blocks through the
 running segment), `wait` (a row waits until ≈ 3/8 of the batch needs its segment, or for
-at most `wait_age` iterations). Every schedule returns the same tokens.
+at most `wait_age` iterations), `wait+advance` (both). Every schedule returns the same tokens.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from nvium_jax.config import load_config
 from nvium_jax.eval.decode_bench import REFERENCE_EXIT_RATES, bench_decode
 from nvium_jax.model import build_model
 
-SCHEDULES = {"wait": ("wait", False), "lockstep": ("lockstep", False), "advance": ("lockstep", True)}
-COLUMNS = ("batch", "schedule", "nvium_tokens_per_s", "dense_tokens_per_s", "baseline_tokens_per_s",
+COLUMNS = ("batch", "schedule", "layers", "nvium_tokens_per_s", "dense_tokens_per_s", "baseline_tokens_per_s",
            "speedup", "speedup_vs_dense", "ideal_speedup", "efficiency", "flushes")
 
 
@@ -32,12 +31,14 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--batches", default="1,2,4,8")
-    parser.add_argument("--schedules", default="wait,lockstep,advance")
+    parser.add_argument("--schedules", default="advance,lockstep,wait,wait+advance")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--exit-rates", default=",".join(map(str, REFERENCE_EXIT_RATES)))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--window", type=int, default=None)
     parser.add_argument("--attention", default=None, help="auto | pallas | reference (default: config)")
+    parser.add_argument("--scan", action="store_true",
+                        help="apply each segment's layers with lax.scan instead of unrolled")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
@@ -45,15 +46,14 @@ def main(argv=None) -> int:
     rates = [float(x) for x in args.exit_rates.split(",")]
     records = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        for name in args.schedules.split(",") if batch > 1 else ["wait"]:
-            schedule, advance = SCHEDULES[name]
+        for schedule in args.schedules.split(",") if batch > 1 else ["advance"]:
             record = bench_decode(
                 model, batch=batch, max_new_tokens=args.max_new_tokens, exit_rates=rates,
-                repeats=args.repeats, schedule=schedule, advance=advance,
+                repeats=args.repeats, schedule=schedule,
                 window=config.decode.window if args.window is None else args.window,
-                attention=args.attention or config.decode.attention,
+                attention=args.attention or config.decode.attention, unroll=not args.scan,
             )
-            record["schedule"] = name if batch > 1 else "-"
+            record["schedule"] = schedule if batch > 1 else "-"
             records.append(record)
             print(json.dumps(record), file=sys.stderr, flush=True)
     if args.json:

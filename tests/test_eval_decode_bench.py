@@ -29,26 +29,32 @@ def test_gate_probabilities_closed_form():
         gate_probabilities([0.5, 0.6])
 
 
-def test_forced_rates_and_run_counters():
+def test_forced_rates_set_every_gate_exactly():
     model = build_model(CFG, seed=0)
     force_exit_rates(model, REFERENCE_EXIT_RATES)
-    out = generate(model, np.ones((32, 4), np.int32), 24, seed=0, window=64)
-    exits = out.exits_BxN.ravel()
-    np.testing.assert_allclose(np.bincount(exits, minlength=4) / exits.size,
-                               REFERENCE_EXIT_RATES, atol=0.05)
-    # batch 1, no flush: token n ≥ 1 runs segments 0..exit_n at stop position P + n
-    one = generate(model, [[1, 2, 3, 4]], 24, seed=1, window=64, return_state=True)
+    z = np.random.default_rng(0).standard_normal((2, 5, CFG.d_model)).astype(np.float32)
+    for k, q in enumerate(gate_probabilities(REFERENCE_EXIT_RATES)):
+        np.testing.assert_allclose(np.exp(model.gate_logp(k, z)[..., 0]), q, rtol=1e-5)
+
+
+def test_run_counters_match_a_count_from_the_exits():
+    model = build_model(CFG, seed=0)
+    force_exit_rates(model, REFERENCE_EXIT_RATES)
+    # batch 1 (this seed needs no flush): token n ≥ 1 runs segments 0..exit_n at stop position P + n
+    one = generate(model, [[1, 2, 3, 4]], 40, seed=1, window=16, return_state=True)
     exits_n = one.exits_BxN[0, 1:]
     layers = np.diff((0, *CFG.exit_depths))
     runs = [(exits_n >= s).sum() for s in range(4)]
     np.testing.assert_array_equal(one.state.segment_runs_K, runs)
     kv = sum(layers[: e + 1].sum() * (4 + n) for n, e in enumerate(exits_n, start=1))
     assert float(one.state.kv_reads) == kv
-    assert int(one.state.head_runs) == 23 and one.flushes == 0
+    assert int(one.state.head_runs) == 39 and one.flushes == 0
+    exits = one.exits_BxN[0]
+    assert (exits == 0).any() and (exits == 3).any()
     costs = byte_costs(CFG)
     expected = (np.dot(runs, np.add(costs.segment_K, costs.router_K))
                 + np.dot(np.asarray(one.state.exit_runs_K), costs.adapter_K)
-                + 23 * costs.head + kv * costs.kv_per_layer_position)
+                + 39 * costs.head + kv * costs.kv_per_layer_position)
     assert bytes_read(one.state, costs) == pytest.approx(expected)
     np.testing.assert_array_equal(one.state.exit_runs_K, np.bincount(exits_n, minlength=4))
 
@@ -56,15 +62,16 @@ def test_forced_rates_and_run_counters():
 @pytest.mark.slow
 def test_bench_decode_cli_json(capsys):
     args = ["bench", "decode", "--config", "configs/nvium-tiny.yaml", "model.vocab_size=64",
-            "model.context=48", "model.dtype=float32", "--max-new-tokens", "12", "--repeats", "1",
-            "--exit-rates", "0.35,0.25,0.15,0.25", "--batch", "2", "--json"]
+            "model.context=48", "model.dtype=float32", "--max-new-tokens", "6", "--repeats", "1",
+            "--exit-rates", "0.35,0.25,0.15,0.25", "--batch", "2", "--reference-layouts", "scan",
+            "--json"]
     assert main(args) == 0
     record = json.loads(capsys.readouterr().out)
     keys = {"device", "batch", "new_tokens", "exit_distribution", "nvium_tokens_per_s",
             "dense_tokens_per_s", "baseline_tokens_per_s", "speedup", "speedup_vs_dense",
             "ideal_speedup", "efficiency"}
     assert keys <= set(record)
-    assert record["batch"] == 2 and record["new_tokens"] == 12
+    assert record["batch"] == 2 and record["new_tokens"] == 6
     assert len(record["exit_distribution"]) == 4 and sum(record["exit_distribution"]) == pytest.approx(1, abs=1e-3)
     assert record["efficiency"] == pytest.approx(record["speedup_vs_dense"] / record["ideal_speedup"], rel=1e-3)
     assert record["speedup"] == pytest.approx(record["nvium_tokens_per_s"] / record["baseline_tokens_per_s"], rel=1e-3)

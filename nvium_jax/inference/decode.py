@@ -12,10 +12,11 @@ One loop iteration:
      [m_s, t] (a query at position p sees the cache below m_s and the block up to p), then
      gate at t with u_s of the row's own random stream; a row that exits picks exit s;
   2. one shared head for every row that exited this iteration, and one draw each.
-Whether segment s ≥ 1 runs is the schedule: `lockstep` runs it whenever a row needs it,
-`wait` lets a row wait until enough rows need that segment (or it has waited `wait_age`
-iterations, or no row is feeding a new token). `advance=True` lets rows that do not need a
-running segment advance their own pending positions through it. Every draw is indexed by
+Whether segment s ≥ 1 runs is the schedule: `lockstep` runs it whenever a row needs it
+(the other rows masked); `advance` (the default) runs it likewise and lets the rows that do
+not need it push their own pending positions through it; `wait` lets a row wait until
+`wait_rows` rows need that segment (or it has waited `wait_age` iterations, or no row is
+feeding a new token); `wait+advance` does both. Every draw is indexed by
 (row, token) — `fold_in(fold_in(PRNGKey(seed), b), n)` split into K keys — never by
 iteration, so every schedule, and `dense`, return the same tokens and exits.
 """
@@ -35,7 +36,7 @@ from flax import nnx
 from nvium_jax.model.layers import LayerCache
 from nvium_jax.model.transformer import check_token_ids, mixture_logprobs, route_logp_from_gates
 
-SCHEDULES = ("wait", "lockstep")
+SCHEDULES = ("advance", "lockstep", "wait", "wait+advance")  # the first is the default
 NOT_SAMPLED = -1  # output slots after a row stopped
 MIXTURE_SAMPLED = -2  # exit of a token drawn from the transformed mixture (dense only)
 
@@ -84,8 +85,7 @@ class DecodeOptions:
     temperature: float = 1.0
     top_k: Optional[int] = None
     top_p: Optional[float] = None
-    schedule: str = "wait"
-    advance: bool = False
+    schedule: str = "advance"
     wait_rows: int = 1
     wait_age: int = 8
     attention: str = "auto"
@@ -94,6 +94,14 @@ class DecodeOptions:
     @property
     def exact(self) -> bool:
         return self.temperature == 1.0 and self.top_k is None and self.top_p is None
+
+    @property
+    def waits(self) -> bool:
+        return self.schedule.startswith("wait")
+
+    @property
+    def advance(self) -> bool:
+        return self.schedule.endswith("advance")
 
     @property
     def ring(self) -> int:
@@ -420,7 +428,7 @@ def deferred_iteration(model, state: DecodeState, active_B, opts) -> DecodeState
 def segment_runs(waiting_B, state: DecodeState, fed_new_token, opts):
     """Whether a deep segment runs this iteration for the rows waiting at it."""
     anyone = jnp.any(waiting_B)
-    if opts.schedule == "lockstep":
+    if not opts.waits:
         return anyone
     enough = jnp.sum(waiting_B) >= opts.wait_rows
     starving = jnp.any(waiting_B & (state.age_B >= opts.wait_age))
@@ -539,12 +547,12 @@ def default_wait_rows(batch: int) -> int:
 
 
 def decode_options(model, batch, max_new_tokens, decode, window, temperature, top_k, top_p,
-                   schedule, advance, wait_rows, wait_age, attention, unroll) -> DecodeOptions:
+                   schedule, wait_rows, wait_age, attention, unroll) -> DecodeOptions:
     return DecodeOptions(
         mode=decode, window=int(window) if decode == "deferred" else 1,  # dense defers nothing
         max_new_tokens=int(max_new_tokens), context=model.config.context,
         temperature=float(temperature), top_k=None if top_k is None else int(top_k),
-        top_p=None if top_p is None else float(top_p), schedule=schedule, advance=bool(advance),
+        top_p=None if top_p is None else float(top_p), schedule=schedule,
         wait_rows=default_wait_rows(batch) if wait_rows is None else int(wait_rows),
         wait_age=int(wait_age), attention=attention, unroll=bool(unroll),
     )
@@ -570,8 +578,7 @@ def generate(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     return_state: bool = False,
-    schedule: str = "wait",
-    advance: bool = False,
+    schedule: str = SCHEDULES[0],
     wait_rows: Optional[int] = None,
     wait_age: int = 8,
     attention: str = "auto",
@@ -584,8 +591,9 @@ def generate(
     `decode="deferred"` samples the exact mixture while deferring the upper layers of
     early-exited tokens; `"dense"` runs every layer for every token with the same random
     stream (the oracle and the speed baseline) and is the only mode for greedy
-    (`temperature=0`), temperature, top-k and top-p. `schedule`, `advance`, `wait_rows` and
-    `wait_age` choose how a batch shares deep segments (any choice returns the same tokens).
+    (`temperature=0`), temperature, top-k and top-p. `schedule` (advance | lockstep | wait |
+    wait+advance), `wait_rows` and `wait_age` choose how a batch shares deep segments; every
+    choice returns the same tokens.
     `on_tokens(tokens_BxN, lengths_B)` is called after every `stream_every` tokens per row
     (the loop then runs in chunks of the same compiled code).
     """
@@ -594,7 +602,7 @@ def generate(
     prompts_BxP, prompt_len_B = prompt_batch(prompts, cfg.vocab_size, cfg.context)
     B = prompts_BxP.shape[0]
     opts = decode_options(model, B, max_new_tokens, decode, window, temperature, top_k,
-                          top_p, schedule, advance, wait_rows, wait_age, attention, unroll)
+                          top_p, schedule, wait_rows, wait_age, attention, unroll)
     graphdef, params = nnx.split(model)
     cache_len = cache_length(prompts_BxP.shape[1], opts.max_new_tokens, cfg.context)
     state = _prefill_jit(graphdef, params, jnp.asarray(prompts_BxP), jnp.asarray(prompt_len_B),
