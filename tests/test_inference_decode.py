@@ -12,6 +12,7 @@ from scipy import stats
 
 from nvium_jax.config import ModelConfig
 from nvium_jax.inference import flush, generate
+from nvium_jax.inference.decode import truncate_logits
 from nvium_jax.model import build_model, mixture_logprobs
 from nvium_jax.model.layers import LayerCache
 from tests.reference import randomize_exit_weights
@@ -131,6 +132,18 @@ def test_greedy_follows_the_mixture_argmax(model, prompts):
     logp = np.asarray(mixture_logprobs(out.exit_logp_KxBxTxV, out.route_logp_BxTxK))[0]
     P = len(prompts[1])
     np.testing.assert_array_equal(logp[P - 1 : P + 5].argmax(-1), greedy.tokens_BxN[0])
+
+
+def test_top_k_and_top_p_keep_the_likeliest_tokens():
+    probs = np.array([[0.05, 0.4, 0.1, 0.25, 0.2], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))
+    kept = lambda **kw: np.isfinite(np.asarray(truncate_logits(logits, **kw)))
+    np.testing.assert_array_equal(kept(top_k=2, top_p=None)[0], [0, 1, 0, 1, 0])
+    # top-p 0.6: 0.4 + 0.25 reaches it; 0.66 needs the 0.2 as well (ties at the cut are kept)
+    np.testing.assert_array_equal(kept(top_k=None, top_p=0.6)[0], [0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(kept(top_k=None, top_p=0.66)[0], [0, 1, 0, 1, 1])
+    np.testing.assert_array_equal(kept(top_k=3, top_p=1.0)[0], [0, 1, 0, 1, 1])
+    assert kept(top_k=None, top_p=0.1)[0].sum() == 1 and kept(top_k=None, top_p=0.5)[1].sum() >= 3
 
 
 def test_baseline_model_decodes_like_its_dense_pass():

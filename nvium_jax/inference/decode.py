@@ -160,6 +160,22 @@ def draw_from_head(model, z_BxD, keys_BxKx2):
     return jax.vmap(jax.random.categorical)(keys_BxKx2[:, -1], logp_BxV).astype(jnp.int32)
 
 
+def truncate_logits(logits_BxV, top_k: Optional[int], top_p: Optional[float]):
+    """Top-k, then top-p (the smallest set of the likeliest tokens whose mass reaches p):
+    every other token gets −inf."""
+    if top_k is not None:
+        kth_Bx1 = jax.lax.top_k(logits_BxV, min(top_k, logits_BxV.shape[-1]))[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+    if top_p is not None:
+        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+        cutoff_Bx1 = jnp.min(jnp.where(mass_before_BxV < top_p, sorted_BxV, jnp.inf), axis=-1,
+                             keepdims=True)
+        logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+    return logits_BxV
+
+
 def draw_from_mixture(model, z_KxBxD, gate_BxK1x2, keys_BxKx2, opts):
     """Greedy / temperature / top-k / top-p on the full mixture (every head)."""
     logp_KxBxV = jnp.stack(
@@ -172,17 +188,7 @@ def draw_from_mixture(model, z_KxBxD, gate_BxK1x2, keys_BxKx2, opts):
     logp_BxV = mixture_logprobs(logp_KxBxV[:, :, None], route_logp_BxK[:, None])[:, 0]
     if opts.temperature == 0.0:
         return jnp.argmax(logp_BxV, axis=-1).astype(jnp.int32)
-    logits_BxV = logp_BxV / opts.temperature
-    if opts.top_k is not None:
-        kth_Bx1 = jax.lax.top_k(logits_BxV, min(opts.top_k, logits_BxV.shape[-1]))[0][:, -1:]
-        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-    if opts.top_p is not None:
-        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-        keep_BxV = mass_before_BxV < opts.top_p  # the smallest prefix reaching top_p
-        cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-        logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+    logits_BxV = truncate_logits(logp_BxV / opts.temperature, opts.top_k, opts.top_p)
     return jax.vmap(jax.random.categorical)(keys_BxKx2[:, -1], logits_BxV).astype(jnp.int32)
 
 
