@@ -90,7 +90,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _decode_model(args: argparse.Namespace):
-    """(model, window) from --run (its latest checkpoint) or --config (fresh weights)."""
+    """(model, decode config) from --run (its latest checkpoint) or --config (fresh weights)."""
     if (args.run is None) == (args.config is None):
         raise ConfigError("give exactly one of --run RUN_DIR or --config CFG.yaml")
     if args.run is not None:

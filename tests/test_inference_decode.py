@@ -12,7 +12,7 @@ from scipy import stats
 
 from nvium_jax.config import ModelConfig
 from nvium_jax.inference import flush, generate
-from nvium_jax.inference.decode import truncate_logits
+from nvium_jax.inference.sampling import truncate_logits
 from nvium_jax.model import build_model, mixture_logprobs
 from nvium_jax.model.layers import LayerCache
 from tests.reference import randomize_exit_weights

@@ -33,8 +33,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nvium_jax.inference.sampling import (
+    draw_from_head,
+    draw_from_mixture,
+    gate_uniform,
+    row_keys,
+    token_keys,
+)
 from nvium_jax.model.layers import LayerCache
-from nvium_jax.model.transformer import check_token_ids, mixture_logprobs, route_logp_from_gates
+from nvium_jax.model.transformer import check_token_ids
 
 SCHEDULES = ("advance", "lockstep", "wait", "wait+advance")  # the first is the default
 NOT_SAMPLED = -1  # output slots after a row stopped
@@ -114,23 +121,6 @@ class DecodeOptions:
         return tuple(sorted(w for w in widths if w <= self.window))
 
 
-# ---- random stream -----------------------------------------------------------------
-def row_keys(seed: int, batch: int) -> jax.Array:
-    base = jax.random.PRNGKey(seed)
-    return jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch))
-
-
-def token_keys(row_key_Bx2: jax.Array, n_B: jax.Array, n_exits: int) -> jax.Array:
-    """keys[b, k] = split(fold_in(row_key_b, n_b), K)[k], [B, K, 2]."""
-    return jax.vmap(lambda key, n: jax.random.split(jax.random.fold_in(key, n), n_exits))(
-        row_key_Bx2, n_B
-    )
-
-
-def gate_uniform(keys_BxKx2: jax.Array, k: int) -> jax.Array:
-    return jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys_BxKx2[:, k])
-
-
 # ---- pieces -------------------------------------------------------------------------
 def attention_fn(impl: str) -> Optional[Callable]:
     from nvium_jax.inference.kernels import block_attention
@@ -154,44 +144,6 @@ def gate_q(model, s: int, z_BxD: jax.Array) -> jax.Array:
     return jnp.exp(model.gate_logp(s, z_BxD[:, None])[:, 0, 0])
 
 
-def draw_from_head(model, z_BxD, keys_BxKx2):
-    """The token from the chosen exits' head inputs: one head matmul, key K−1."""
-    logp_BxV = jax.nn.log_softmax(model.logits(z_BxD[:, None])[:, 0], axis=-1)
-    return jax.vmap(jax.random.categorical)(keys_BxKx2[:, -1], logp_BxV).astype(jnp.int32)
-
-
-def truncate_logits(logits_BxV, top_k: Optional[int], top_p: Optional[float]):
-    """Top-k, then top-p (the smallest set of the likeliest tokens whose mass reaches p):
-    every other token gets −inf."""
-    if top_k is not None:
-        kth_Bx1 = jax.lax.top_k(logits_BxV, min(top_k, logits_BxV.shape[-1]))[0][:, -1:]
-        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-    if top_p is not None:
-        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-        cutoff_Bx1 = jnp.min(jnp.where(mass_before_BxV < top_p, sorted_BxV, jnp.inf), axis=-1,
-                             keepdims=True)
-        logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
-    return logits_BxV
-
-
-def draw_from_mixture(model, z_KxBxD, gate_BxK1x2, keys_BxKx2, opts):
-    """Greedy / temperature / top-k / top-p on the full mixture (every head)."""
-    logp_KxBxV = jnp.stack(
-        [jax.nn.log_softmax(model.logits(z[:, None])[:, 0], axis=-1) for z in z_KxBxD]
-    )
-    if gate_BxK1x2.shape[1]:
-        route_logp_BxK = route_logp_from_gates(gate_BxK1x2)
-    else:
-        route_logp_BxK = jnp.zeros((z_KxBxD.shape[1], 1), jnp.float32)
-    logp_BxV = mixture_logprobs(logp_KxBxV[:, :, None], route_logp_BxK[:, None])[:, 0]
-    if opts.temperature == 0.0:
-        return jnp.argmax(logp_BxV, axis=-1).astype(jnp.int32)
-    logits_BxV = truncate_logits(logp_BxV / opts.temperature, opts.top_k, opts.top_p)
-    return jax.vmap(jax.random.categorical)(keys_BxKx2[:, -1], logits_BxV).astype(jnp.int32)
-
-
 def choose_exit(model, h_KxBxD, keys_BxKx2, opts):
     """Sequential halting over fully computed exits (prefill and dense): the first s with
     u_s < q_s, else the final exit; returns (token, exit)."""
@@ -202,7 +154,8 @@ def choose_exit(model, h_KxBxD, keys_BxKx2, opts):
         gates = [model.gate_logp(k, z[:, None])[:, 0] for k, z in enumerate(z_KxBxD[:-1])]
         gate_BxK1x2 = jnp.stack(gates, axis=1) if gates else jnp.zeros((B, 0, 2), jnp.float32)
         states = [model.exit_state(k, z) for k, z in enumerate(z_KxBxD)]
-        token_B = draw_from_mixture(model, states, gate_BxK1x2, keys_BxKx2, opts)
+        token_B = draw_from_mixture(model, states, gate_BxK1x2, keys_BxKx2, opts.temperature,
+                                    opts.top_k, opts.top_p)
         return token_B, jnp.full((B,), MIXTURE_SAMPLED, jnp.int32)
     exit_B = jnp.full((B,), K - 1, jnp.int32)
     for k in reversed(range(K - 1)):  # the shallowest exit that fires wins
@@ -635,8 +588,7 @@ def generate(
     )
 
 
-def flush(model, state: DecodeState, *, window: Optional[int] = None, attention: str = "auto",
-          unroll: bool = True) -> DecodeState:
+def flush(model, state: DecodeState, *, attention: str = "auto", unroll: bool = True) -> DecodeState:
     """Completes every pending segment, so the cache holds every layer's K/V for every
     position fed in (0 … P_b + n_b − 2)."""
     ring = state.ring_BxRxD.shape[1]
