@@ -88,7 +88,7 @@ def test_rows_are_independent_and_stop_on_their_own(model, prompts):
     budget that ends mid-window; a row's tokens never depend on the other rows."""
     context_row = np.random.default_rng(1).integers(0, CFG.vocab_size, CFG.context - 3).tolist()
     batch = [prompts[2], prompts[1], context_row]
-    free = generate(model, batch, 12, seed=4, window=16)
+    free = generate(model, batch, 12, seed=4, window=1)  # W = 1: no deferral
     eos = int(free.tokens_BxN[1, 5])
     out = generate(model, batch, 12, seed=4, window=16, eos_id=eos)
     for b in range(3):
@@ -98,14 +98,12 @@ def test_rows_are_independent_and_stop_on_their_own(model, prompts):
             stop = min(stop, 3)  # prompt length + new tokens reaches the context
         assert out.lengths_B[b] == stop
         np.testing.assert_array_equal(out.tokens_BxN[b, :stop], row[:stop])
+        np.testing.assert_array_equal(out.exits_BxN[b, :stop], free.exits_BxN[b, :stop])
         assert (out.tokens_BxN[b, stop:] == -1).all() and (out.exits_BxN[b, stop:] == -1).all()
-    # row 0 alone, and beside other prompts, gives the same tokens (row index and seed only)
+    # row 0 beside other prompts (and deferred, W = 16) gives the tokens it gave with W = 1
     other = generate(model, [prompts[2], prompts[3][:7], context_row], 12, seed=4, window=16)
     np.testing.assert_array_equal(other.tokens_BxN[0], free.tokens_BxN[0])
-    # W = 1 (no deferral) is still exact
-    no_deferral = generate(model, batch, 12, seed=4, window=1)
-    np.testing.assert_array_equal(no_deferral.tokens_BxN, free.tokens_BxN)
-    np.testing.assert_array_equal(no_deferral.exits_BxN, free.exits_BxN)
+    np.testing.assert_array_equal(other.exits_BxN[0], free.exits_BxN[0])
 
 
 def test_streaming_chunks_equal_one_loop(model, prompts):
@@ -118,8 +116,8 @@ def test_streaming_chunks_equal_one_loop(model, prompts):
 
 
 def test_pallas_attention_in_the_loop(model, prompts):
-    pallas = generate(model, prompts[1:2], 5, seed=2, window=2, attention="pallas")
-    reference = generate(model, prompts[1:2], 5, seed=2, window=2, attention="reference")
+    pallas = generate(model, prompts[1:2], 4, seed=2, window=2, attention="pallas")
+    reference = generate(model, prompts[1:2], 4, seed=2, window=2, attention="reference")
     np.testing.assert_array_equal(pallas.tokens_BxN, reference.tokens_BxN)
     np.testing.assert_array_equal(pallas.exits_BxN, reference.exits_BxN)
 
