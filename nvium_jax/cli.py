@@ -142,7 +142,7 @@ def _generate(args: argparse.Namespace) -> int:
     if decode is None:
         decode = "dense" if non_exact else "deferred"
         if non_exact:
-            print(f"note: {', '.join(non_exact)} act on the full mixture: decoding with --decode dense",
+            print(f"note: {', '.join(non_exact)} needs every exit's head: decoding with --decode dense",
                   file=sys.stderr)
     if args.prompts_file is not None:
         try:
