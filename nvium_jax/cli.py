@@ -125,19 +125,16 @@ def _bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-NON_EXACT_OPTIONS = ("temperature", "top_k", "top_p")
-
-
 def _generate(args: argparse.Namespace) -> int:
     import time
 
     import numpy as np
 
     from nvium_jax.inference import generate
+    from nvium_jax.inference.decode import non_exact_options
     from nvium_jax.runs import load_run
 
-    non_exact = [f"--{name.replace('_', '-')}" for name in NON_EXACT_OPTIONS
-                 if getattr(args, name) is not None and not (name == "temperature" and args.temperature == 1.0)]
+    non_exact = non_exact_options(args.temperature, args.top_k, args.top_p)
     decode = args.decode
     if decode is None:
         decode = "dense" if non_exact else "deferred"

@@ -65,7 +65,6 @@ class DecodeState(NamedTuple):
     tokens_BxN: jax.Array
     exits_BxN: jax.Array
     flushes: jax.Array  # scalar int32
-    iterations: jax.Array  # scalar int32
     # what the loop ran, for the byte model of `nvium bench decode` (prefill not counted)
     segment_runs_K: jax.Array  # batch-wide runs of each segment (flushes included)
     kv_reads: jax.Array  # Σ over runs and running rows of layers × positions of KV read
@@ -239,7 +238,6 @@ def prefill(model, prompts_BxP, prompt_len_B, row_key_Bx2, eos_id, cache_len: in
         tokens_BxN=jnp.full((B, N), NOT_SAMPLED, jnp.int32),
         exits_BxN=jnp.full((B, N), NOT_SAMPLED, jnp.int32),
         flushes=jnp.int32(0),
-        iterations=jnp.int32(0),
         segment_runs_K=jnp.zeros((K,), jnp.int32),
         kv_reads=jnp.float32(0),
         exit_runs_K=jnp.zeros((K,), jnp.int32),
@@ -402,11 +400,11 @@ def decode_loop(model, state: DecodeState, n_limit, opts) -> DecodeState:
     def active(state):
         return ~state.done_B & (state.n_B < n_limit)
 
-    def body(state):
-        state = iteration(model, state, active(state), opts)
-        return state._replace(iterations=state.iterations + 1)
-
-    return jax.lax.while_loop(lambda state: jnp.any(active(state)), body, state)
+    return jax.lax.while_loop(
+        lambda state: jnp.any(active(state)),
+        lambda state: iteration(model, state, active(state), opts),
+        state,
+    )
 
 
 def flush_state(model, state: DecodeState, opts) -> DecodeState:
@@ -470,6 +468,16 @@ def prompt_batch(prompts, vocab_size: int, context: int) -> tuple[np.ndarray, np
     return padded_BxP, lengths_B
 
 
+def non_exact_options(temperature, top_k, top_p) -> list[str]:
+    """The sampler options that leave the exact mixture sample (they need decode="dense")."""
+    options = (
+        (f"temperature={temperature}", temperature is not None and temperature != 1.0),
+        (f"top_k={top_k}", top_k is not None),
+        (f"top_p={top_p}", top_p is not None),
+    )
+    return [name for name, is_set in options if is_set]
+
+
 def check_sampling(decode: str, temperature, top_k, top_p, window, max_new_tokens, schedule) -> None:
     if decode not in ("deferred", "dense"):
         raise ValueError(f'decode={decode!r}: use "deferred" or "dense"')
@@ -485,13 +493,7 @@ def check_sampling(decode: str, temperature, top_k, top_p, window, max_new_token
         raise ValueError(f"top_p={top_p!r}: give a value in (0, 1] or None")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r}: use one of {', '.join(SCHEDULES)}")
-    non_exact = [
-        name for name, is_set in (
-            (f"temperature={temperature}", temperature != 1.0),
-            (f"top_k={top_k}", top_k is not None),
-            (f"top_p={top_p}", top_p is not None),
-        ) if is_set
-    ]
+    non_exact = non_exact_options(temperature, top_k, top_p)
     if non_exact and decode == "deferred":
         raise ValueError(
             f"{', '.join(non_exact)} needs decode=\"dense\": greedy, temperature, top-k and top-p act "
