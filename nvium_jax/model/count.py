@@ -7,18 +7,42 @@ import dataclasses
 from nvium_jax.config import ModelConfig
 
 
+def block_matmul_param_count(cfg: ModelConfig) -> int:
+    """The matrices of one decoder block: wq, wo; wk, wv; the SwiGLU's three."""
+    D, E = cfg.d_model, cfg.head_dim
+    return D * cfg.n_heads * E * 2 + D * cfg.kv_heads * E * 2 + 3 * D * cfg.d_ff
+
+
+def block_param_count(cfg: ModelConfig) -> int:
+    """One decoder block: its matrices and two norms."""
+    return block_matmul_param_count(cfg) + 2 * cfg.d_model
+
+
+def kv_values_per_token(cfg: ModelConfig) -> int:
+    """Cached values one layer keeps per position: K and V of every kv head."""
+    return 2 * cfg.kv_heads * cfg.head_dim
+
+
 def backbone_param_count(cfg: ModelConfig) -> int:
     """Embedding, L blocks, final norm and head (untied)."""
-    D, V, E = cfg.d_model, cfg.vocab_size, cfg.head_dim
-    attention = D * cfg.n_heads * E * 2 + D * cfg.kv_heads * E * 2  # wq, wo; wk, wv
-    block = attention + 3 * D * cfg.d_ff + 2 * D  # SwiGLU, two norms
-    return V * D + cfg.n_layers * block + D + D * V
+    D, V = cfg.d_model, cfg.vocab_size
+    return V * D + cfg.n_layers * block_param_count(cfg) + D + D * V
+
+
+def adapter_param_count(cfg: ModelConfig) -> int:
+    """An early exit's residual adapter (no biases)."""
+    return 2 * cfg.d_model * cfg.adapter_width
+
+
+def router_param_count(cfg: ModelConfig) -> int:
+    """An early exit's router MLP (with biases, two logits)."""
+    R = cfg.router_width
+    return (cfg.d_model * R + R) + (R * 2 + 2)
 
 
 def exit_param_count(cfg: ModelConfig) -> int:
-    """One early exit: norm, adapter (no biases), router MLP (with biases, two logits)."""
-    D, A, R = cfg.d_model, cfg.adapter_width, cfg.router_width
-    return D + 2 * D * A + (D * R + R) + (R * 2 + 2)
+    """One early exit: norm, adapter, router."""
+    return cfg.d_model + adapter_param_count(cfg) + router_param_count(cfg)
 
 
 def param_count(cfg: ModelConfig) -> int:

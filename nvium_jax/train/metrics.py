@@ -12,6 +12,7 @@ import jax
 import rich.console
 
 from nvium_jax.config import Config, ModelConfig, config_to_dict
+from nvium_jax.model.count import adapter_param_count, block_matmul_param_count, router_param_count
 
 # dense bf16 peak FLOP/s per device, by jax device_kind prefix
 PEAK_FLOPS = {
@@ -36,9 +37,8 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     The embedding lookup is free.
     """
     D, E, L = cfg.d_model, cfg.head_dim, cfg.n_layers
-    block = D * cfg.n_heads * E * 2 + D * cfg.kv_heads * E * 2 + 3 * D * cfg.d_ff
-    exits = len(cfg.early_exits) * (2 * D * cfg.adapter_width + D * cfg.router_width + 2 * cfg.router_width)
-    forward = 2 * (L * block + cfg.n_exits * D * cfg.vocab_size + exits)
+    exits = len(cfg.early_exits) * (adapter_param_count(cfg) + router_param_count(cfg))
+    forward = 2 * (L * block_matmul_param_count(cfg) + cfg.n_exits * D * cfg.vocab_size + exits)
     forward += 4 * L * seq_len * cfg.n_heads * E
     return 3.0 * forward
 

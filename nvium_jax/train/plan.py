@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nvium_jax.config import Config
-from nvium_jax.model.count import param_count
+from nvium_jax.model.count import kv_values_per_token, param_count
 from nvium_jax.train.mesh import make_mesh
 from nvium_jax.train.step import abstract_state, make_trainer, step_batch_shape
 
@@ -24,7 +24,7 @@ def decode_cache_bytes(config: Config, batch: int) -> int:
     """K and V of every layer for `batch` sequences of full context (bf16 unless float32)."""
     m = config.model
     itemsize = 4 if m.dtype == "float32" else 2
-    return 2 * m.n_layers * batch * m.context * m.kv_heads * m.head_dim * itemsize
+    return m.n_layers * batch * m.context * kv_values_per_token(m) * itemsize
 
 
 def plan(config: Config, devices, decode_batch: int = 1) -> dict:
