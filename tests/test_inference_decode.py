@@ -14,7 +14,6 @@ from nvium_jax.config import ModelConfig
 from nvium_jax.inference import flush, generate
 from nvium_jax.inference.sampling import truncate_logits
 from nvium_jax.model import build_model, mixture_logprobs
-from nvium_jax.model.layers import LayerCache
 from tests.reference import randomize_exit_weights
 
 CFG = ModelConfig(
@@ -38,12 +37,12 @@ def prompts():
 
 
 def dense_cache(model, tokens):
-    """Every layer's K/V of one sequence from a full-sequence pass, [L, T, G, E]."""
-    T, L, G, E = len(tokens), CFG.n_layers, CFG.kv_heads, CFG.head_dim
-    caches = LayerCache(jnp.zeros((L, 1, T, G, E)), jnp.zeros((L, 1, T, G, E)))
+    """Every layer's K/V of one sequence from a full-sequence pass (the training layout,
+    causal self-attention, no cache), [L, T, G, E]."""
+    T = len(tokens)
     h = model.embed(jnp.asarray(tokens)[None])
-    _, caches = model.run_layers(h, jnp.arange(T)[None], 0, L, caches=caches)
-    return np.asarray(caches.k_BxSxGxE[:, 0]), np.asarray(caches.v_BxSxGxE[:, 0])
+    _, (k_list, v_list) = model.run_layers(h, jnp.arange(T)[None], 0, CFG.n_layers, return_kv=True)
+    return np.stack([k[0] for k in k_list]), np.stack([v[0] for v in v_list])
 
 
 @pytest.mark.parametrize(
@@ -65,6 +64,20 @@ def test_deferred_equals_dense(model, prompts, window, schedule):
     exits = np.concatenate(all_exits).ravel()
     assert np.mean(exits < CFG.n_exits - 1) >= 0.2  # early exits happen …
     assert np.mean(exits > 0) >= 0.2  # … and tokens go past the first exit: blocks ran
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["advance", "lockstep", "wait", "wait+advance"])
+def test_packed_batch_of_eight_equals_dense(model, schedule):
+    """Batch 8: deep segments run the rows' ragged blocks as one packed token list (or one
+    token per row); W = 4 makes rows flush."""
+    rng = np.random.default_rng(3)
+    batch = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (5, 1, 9, 2, 14, 3, 7, 4)]
+    dense = generate(model, batch, 40, seed=7, decode="dense")
+    deferred = generate(model, batch, 40, seed=7, window=4, schedule=schedule)
+    np.testing.assert_array_equal(deferred.tokens_BxN, dense.tokens_BxN)
+    np.testing.assert_array_equal(deferred.exits_BxN, dense.exits_BxN)
+    assert np.mean(deferred.exits_BxN < CFG.n_exits - 1) >= 0.2 and np.mean(deferred.exits_BxN > 0) >= 0.2
 
 
 def test_flush_completes_the_cache(model, prompts):

@@ -1,11 +1,13 @@
-"""Layers against per-query NumPy loops: RoPE, GQA attention, the KV-cache path."""
+"""Layers against per-query NumPy loops: RoPE, GQA attention, and a block attending to a
+KV cache (the decode path) against the full sequence."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nvium_jax.model.layers import Attention, LayerCache, RMSNorm, apply_rope, rope_angles
+from nvium_jax.inference.segments import attend_block_and_cache
+from nvium_jax.model.layers import Attention, RMSNorm, apply_rope, rope_angles
 from tests.reference import naive_attention, rms_norm, rotate_pairs
 
 
@@ -35,35 +37,40 @@ def test_gqa_attention_equals_per_query_loop(small_cfg):
     attn = Attention(small_cfg, nnx.Rngs(0), jnp.float32)
     x = np.random.default_rng(2).normal(size=(2, 7, small_cfg.d_model))
     positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
-    out, cache = attn(jnp.asarray(x, jnp.float32), positions)
-    assert cache is None
+    out, (k, v) = attn(jnp.asarray(x, jnp.float32), positions)
+    assert k.shape == v.shape == (2, 7, small_cfg.kv_heads, small_cfg.head_dim)
     expected = naive_attention(x, *_weights(attn), small_cfg.rope_theta)
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
 def test_cached_block_equals_full_sequence(small_cfg):
-    """Prefill a ragged prefix into the cache, then attend a block of later positions."""
+    """A ragged prefix in the cache ([B, G, S, E], garbage past each row's prefix), then a
+    block of later positions attending to it and to itself equals the full sequence."""
     attn = Attention(small_cfg, nnx.Rngs(1), jnp.float32)
     B, T, S, G, E = 2, 9, 12, small_cfg.kv_heads, small_cfg.head_dim
     x = jnp.asarray(np.random.default_rng(3).normal(size=(B, T, small_cfg.d_model)), jnp.float32)
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    full, _ = attn(x, positions)
-    empty = LayerCache(jnp.full((B, S, G, E), jnp.nan), jnp.full((B, S, G, E), jnp.nan))
-    # row 0 prefills 5 positions, row 1 prefills 3 (its other slots are not written)
-    prefix_len = np.array([5, 3])
-    write = jnp.asarray(np.arange(5)[None] < prefix_len[:, None])
-    _, cache = attn(x[:, :5], positions[:, :5], empty, write)
-    assert np.isnan(np.asarray(cache.k_BxSxGxE)[1, 3:]).all()
-    cache = jax.tree.map(lambda c: jnp.nan_to_num(c), cache)  # stale slots hold garbage
-    # then a block: row 0 positions 5..8, row 1 positions 3..6
+    full, (k_full, v_full) = attn(x, positions)
+    prefix_len = np.array([5, 3])  # row 0 holds 5 cached positions, row 1 holds 3
+    garbage = np.random.default_rng(4).normal(size=(B, G, S, E)) * 1e3
+    cache_k, cache_v = (np.array(garbage, np.float32) for _ in range(2))
+    for b, n in enumerate(prefix_len):
+        cache_k[b, :, :n] = np.asarray(k_full[b, :n]).transpose(1, 0, 2)
+        cache_v[b, :, :n] = np.asarray(v_full[b, :n]).transpose(1, 0, 2)
+    # the block: row 0 positions 5..8, row 1 positions 3..6, the last slot of row 1 padding
     block_pos = jnp.asarray(prefix_len[:, None] + np.arange(4)[None])
+    valid = jnp.asarray([[True] * 4, [True, True, True, False]])
     block_x = jnp.take_along_axis(x, block_pos[..., None], axis=1)
-    out, cache = attn(block_x, block_pos, cache)
+
+    def attend(q, k, v):
+        return attend_block_and_cache(q, k, v, block_pos, valid, jnp.asarray(cache_k),
+                                      jnp.asarray(cache_v), jnp.asarray(prefix_len), "reference")
+
+    out, (k_block, _) = attn(block_x, block_pos, attend)
     expected = jnp.take_along_axis(full, block_pos[..., None], axis=1)
-    np.testing.assert_allclose(out, expected, atol=1e-5)
-    # the cache now holds every position fed in, equal to a direct K computation
-    k_direct = jnp.einsum("btd,dge->btge", x, attn.wk[...])
-    cos, sin = rope_angles(positions, E, small_cfg.rope_theta)
-    k_direct = apply_rope(k_direct, cos, sin)
-    np.testing.assert_allclose(cache.k_BxSxGxE[0, :9], k_direct[0], atol=1e-5)
-    np.testing.assert_allclose(cache.k_BxSxGxE[1, :7], k_direct[1, :7], atol=1e-5)
+    np.testing.assert_allclose(out[0], expected[0], atol=1e-5)
+    np.testing.assert_allclose(out[1, :3], expected[1, :3], atol=1e-5)
+    assert np.isfinite(np.asarray(out)).all()  # the padding slot too
+    # the block's new keys are those of the full pass at the same positions
+    np.testing.assert_allclose(k_block, jnp.take_along_axis(k_full, block_pos[..., None, None], axis=1),
+                               atol=1e-5)

@@ -1,4 +1,4 @@
-"""Backbone layers: RMSNorm, RoPE, grouped-query attention (KV-cache aware), SwiGLU, block.
+"""Backbone layers: RMSNorm, RoPE, grouped-query attention, SwiGLU, decoder block.
 
 Modules built with `n_stack=L` hold every weight with a leading `layers` axis; the stack
 is applied by scanning (or looping) over slices of it, each slice merged back into the
@@ -7,7 +7,7 @@ same module class, so training and decoding run one piece of layer code.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -69,15 +69,6 @@ def apply_rope(x_BxTxHxE: jax.Array, cos_BxTxE: jax.Array, sin_BxTxE: jax.Array)
     return out.astype(x_BxTxHxE.dtype)
 
 
-class LayerCache(NamedTuple):
-    """Keys (after RoPE) and values, position-indexed: one layer's [B, S, G, E], or — with
-    `layer` set — the whole stack's [L, B, S, G, E], of which this call uses `layer`."""
-
-    k_BxSxGxE: jax.Array
-    v_BxSxGxE: jax.Array
-    layer: Optional[jax.Array] = None
-
-
 def attend(
     q_BxTxHxE: jax.Array,
     k_BxSxGxE: jax.Array,
@@ -99,22 +90,6 @@ def attend(
     return out_BxTxGxRxE.reshape(B, T, H, E)
 
 
-def write_cache(cache, new_BxTxGxE: jax.Array, positions_BxT, write_BxT, layer=None):
-    """Scatters new keys/values to their positions (of `layer` when the cache is the whole
-    [L, B, S, G, E] stack, in place); rows/slots with write=False keep the old values."""
-    B, S = new_BxTxGxE.shape[0], cache.shape[-3]
-    rows_Bx1 = jnp.arange(B)[:, None]
-    target_BxT = jnp.where(write_BxT, positions_BxT, S)  # S is out of range: dropped
-    index = (rows_Bx1, target_BxT) if layer is None else (layer, rows_Bx1, target_BxT)
-    return cache.at[index].set(new_BxTxGxE.astype(cache.dtype), mode="drop")
-
-
-def cache_attend(q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, q_pos_BxT):
-    """A block of queries against a position-indexed cache: key s sits at position s."""
-    B, S = k_BxSxGxE.shape[:2]
-    return attend(q_BxTxHxE, k_BxSxGxE, v_BxSxGxE, q_pos_BxT, jnp.broadcast_to(jnp.arange(S), (B, S)))
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype, n_stack: Optional[int] = None):
         D, H, G, E = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -127,44 +102,30 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.dtype = dtype
 
-    def __call__(
-        self,
-        x_BxTxD: jax.Array,
-        positions_BxT: jax.Array,
-        cache: Optional[LayerCache] = None,
-        write_BxT: Optional[jax.Array] = None,
-        attend_fn=None,
-    ):
-        """Self-attention over the block itself, or — given a cache — over the cache after
-        writing the block's K/V into it at their positions. `attend_fn(q, k, v, q_pos)` is
-        the cache attention (default `cache_attend`; decoding may pass a Pallas kernel).
-        Returns (out, cache)."""
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, attend_fn=None):
+        """Self-attention of a block of positions. `attend_fn(q, k, v)` replaces the block's
+        causal self-attention (decoding attends to a KV cache as well). Returns (out,
+        (k, v)): the block's keys (after RoPE) and values, for a cache.
+
+        The projections are plain 2-D matmuls on [D, H·E] / [H·E, D] views of the weights
+        (free reshapes), so no compiler ever transposes a weight to match an activation."""
         dt = self.dtype
-        x = x_BxTxD.astype(dt)
-        q_BxTxHxE = jnp.einsum("btd,dhe->bthe", x, self.wq[...].astype(dt))
-        k_BxTxGxE = jnp.einsum("btd,dge->btge", x, self.wk[...].astype(dt))
-        v_BxTxGxE = jnp.einsum("btd,dge->btge", x, self.wv[...].astype(dt))
-        cos, sin = rope_angles(positions_BxT, q_BxTxHxE.shape[-1], self.rope_theta)
+        B, T, D = x_BxTxD.shape
+        H, E = self.wq[...].shape[-2:]
+        G = self.wk[...].shape[-2]
+        x_BxTxD = x_BxTxD.astype(dt)
+        q_BxTxHxE = (x_BxTxD @ self.wq[...].astype(dt).reshape(D, H * E)).reshape(B, T, H, E)
+        k_BxTxGxE = (x_BxTxD @ self.wk[...].astype(dt).reshape(D, G * E)).reshape(B, T, G, E)
+        v_BxTxGxE = (x_BxTxD @ self.wv[...].astype(dt).reshape(D, G * E)).reshape(B, T, G, E)
+        cos, sin = rope_angles(positions_BxT, E, self.rope_theta)
         q_BxTxHxE = apply_rope(q_BxTxHxE, cos, sin)
         k_BxTxGxE = apply_rope(k_BxTxGxE, cos, sin)
-        if cache is None:
-            out = attend(q_BxTxHxE, k_BxTxGxE, v_BxTxGxE, positions_BxT, positions_BxT)
+        if attend_fn is None:
+            out_BxTxHxE = attend(q_BxTxHxE, k_BxTxGxE, v_BxTxGxE, positions_BxT, positions_BxT)
         else:
-            if write_BxT is None:
-                write_BxT = jnp.ones(positions_BxT.shape, bool)
-            layer = cache.layer
-            cache = LayerCache(
-                write_cache(cache.k_BxSxGxE, k_BxTxGxE, positions_BxT, write_BxT, layer),
-                write_cache(cache.v_BxSxGxE, v_BxTxGxE, positions_BxT, write_BxT, layer),
-                layer,
-            )
-            k_BxSxGxE, v_BxSxGxE = cache.k_BxSxGxE, cache.v_BxSxGxE
-            if layer is not None:
-                k_BxSxGxE, v_BxSxGxE = k_BxSxGxE[layer], v_BxSxGxE[layer]
-            out = (attend_fn or cache_attend)(
-                q_BxTxHxE, k_BxSxGxE.astype(dt), v_BxSxGxE.astype(dt), positions_BxT
-            )
-        return jnp.einsum("bthe,hed->btd", out.astype(dt), self.wo[...].astype(dt)), cache
+            out_BxTxHxE = attend_fn(q_BxTxHxE, k_BxTxGxE, v_BxTxGxE)
+        out_BxTxD = out_BxTxHxE.astype(dt).reshape(B, T, H * E) @ self.wo[...].astype(dt).reshape(H * E, D)
+        return out_BxTxD, (k_BxTxGxE, v_BxTxGxE)
 
 
 class SwiGLU(nnx.Module):
@@ -194,10 +155,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, dtype, n_stack)
         self.mlp = SwiGLU(cfg, rngs, dtype, n_stack)
 
-    def __call__(self, h_BxTxD, positions_BxT, cache=None, write_BxT=None, attend_fn=None):
-        attn_out, cache = self.attn(
-            self.attn_norm(h_BxTxD), positions_BxT, cache, write_BxT, attend_fn
-        )
+    def __call__(self, h_BxTxD, positions_BxT, attend_fn=None):
+        """Returns (h, (k, v)) — the block's keys and values, which decoding caches."""
+        attn_out, kv = self.attn(self.attn_norm(h_BxTxD), positions_BxT, attend_fn)
         h_BxTxD = h_BxTxD + attn_out.astype(h_BxTxD.dtype)
         h_BxTxD = h_BxTxD + self.mlp(self.mlp_norm(h_BxTxD)).astype(h_BxTxD.dtype)
-        return h_BxTxD, cache
+        return h_BxTxD, kv

@@ -8,6 +8,7 @@ q_k = P(exit at k | reached k); sequential halting makes the mixture weights
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -16,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from nvium_jax.config import ModelConfig
-from nvium_jax.model.layers import Block, LayerCache, RMSNorm, constant_param, param
+from nvium_jax.model.layers import Block, RMSNorm, constant_param, param
 
 REMAT_POLICIES = {
     "none": None,
@@ -116,35 +117,61 @@ class Nvium(nnx.Module):
         start: int,
         stop: int,
         *,
-        caches: Optional[LayerCache] = None,
-        write_BxT: Optional[jax.Array] = None,
         remat: str = "none",
         unroll: bool = False,
         attend_fn=None,
+        layer_states=None,
+        return_kv: bool = False,
     ):
-        """Layers [start, stop) on a block of positions. `caches` is the whole stack's K/V,
-        [n_layers, B, S, G, E] each, updated in place at those layers; positions where
-        `write_BxT` is False are not written. Returns (h, caches)."""
-        graphdef, stacked = nnx.split(self.blocks)
-        layers = jax.tree.map(lambda w: w[start:stop], stacked)
+        """Layers [start, stop) on a block of positions; returns (h, kv).
 
-        def layer(carry, layer_state_and_index):
-            h, caches = carry
-            layer_state, index = layer_state_and_index
-            cache = None if caches is None else LayerCache(*caches[:2], index)
-            block = nnx.merge(graphdef, layer_state)
-            h, cache = block(h, positions_BxT, cache, write_BxT, attend_fn)
-            return (h, None if cache is None else LayerCache(*cache[:2])), None
+        Training scans the stacked weights. Decoding runs the layers unrolled on
+        `layer_states` (every layer's weights sliced out of the stack once, before its
+        loop, so no layer copies its slice per token) with `attend_fn(layer, q, k, v)`
+        attending to the KV cache of `layer`. With `return_kv`, kv is the pair of lists of
+        each layer's new keys and values, [B, T, G, E]; else None."""
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(h, layer_state, index):
+            attend = None if attend_fn is None else functools.partial(attend_fn, index)
+            return nnx.merge(graphdef, layer_state)(h, positions_BxT, attend)
 
         if remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
-        carry = (h_BxTxD, None if caches is None else LayerCache(*caches[:2]))
-        if unroll:
-            for i in range(stop - start):
-                carry, _ = layer(carry, (jax.tree.map(lambda w: w[i], layers), start + i))
-        else:
-            carry, _ = jax.lax.scan(layer, carry, (layers, jnp.arange(start, stop)))
-        return carry
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False,
+                                   static_argnums=(2,))
+        if unroll or layer_states is not None or attend_fn is not None:
+            if layer_states is None:
+                layer_states = {i: jax.tree.map(lambda w: w[i], stacked) for i in range(start, stop)}
+            k_list, v_list = [], []
+            for index in range(start, stop):
+                h_BxTxD, (k_BxTxGxE, v_BxTxGxE) = layer(h_BxTxD, layer_states[index], index)
+                k_list.append(k_BxTxGxE)
+                v_list.append(v_BxTxGxE)
+            return h_BxTxD, ((k_list, v_list) if return_kv else None)
+
+        def scan_step(h, layer_state):
+            h, kv = layer(h, layer_state, None)
+            return h, (kv if return_kv else None)
+
+        layers = jax.tree.map(lambda w: w[start:stop], stacked)
+        h_BxTxD, kv = jax.lax.scan(scan_step, h_BxTxD, layers)
+        if return_kv:
+            kv = tuple(list(x) for x in kv)
+        return h_BxTxD, kv
+
+    def layer_states(self, dtype=None) -> list:
+        """Every layer's weights sliced out of the stack (matrices cast to `dtype` when
+        given): what `run_layers(layer_states=...)` reads, built once per decode."""
+        _, stacked = nnx.split(self.blocks)
+        n_layers = self.config.n_layers
+
+        def piece(i):
+            def leaf(w):
+                w = w[i]
+                return w.astype(dtype) if dtype is not None and w.ndim >= 2 else w
+            return jax.tree.map(leaf, stacked)
+
+        return [piece(i) for i in range(n_layers)]
 
     def exit_norm(self, k: int, h_BxTxD: jax.Array) -> jax.Array:
         """z_k: the normalised stream that exit k's router and adapter read (0-based k)."""

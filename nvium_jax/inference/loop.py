@@ -1,0 +1,298 @@
+"""The decode iteration (deferred and dense), its batch schedules, the loop and the flush.
+
+One deferred iteration:
+  0. rows about to feed a token whose block would exceed W flush: every segment s ≥ 1 runs
+     on [m_s, t) without gates (the token itself continues in the next iteration);
+  1. segment 0 on each row's new token x_t, then its gate;
+  2. for s = 1 … K−1: the rows whose token waits at segment s run it on their block
+     [m_s, t] (a query at position p sees the cache below m_s and the block up to p), then
+     gate at t with u_s of the row's own random stream; a row that exits picks exit s;
+  3. one shared head for every row that exited this iteration, and one draw each.
+Whether segment s ≥ 1 runs is the schedule: `lockstep` runs it whenever a row needs it
+(the other rows masked); `advance` (the default) runs it likewise and lets the rows that do
+not need it push their own pending positions through it; `wait` lets a row wait until
+`wait_rows` rows need that segment (or it has waited `wait_age` iterations, or no row is
+feeding a new token); `wait+advance` does both. Every draw is indexed by
+(row, token) — `fold_in(fold_in(PRNGKey(seed), b), n)` split into K keys — never by
+iteration, so every schedule, and `dense`, return the same tokens and exits.
+
+What a GPU pays besides bytes is kept small: a deep segment is one `lax.switch` per
+iteration (skip, or one packed token count), its index computed arithmetically; the gate,
+adapter and head run unconditionally where they are needed; the cache and the ring are
+written after the switch, never inside it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from nvium_jax.inference.sampling import draw_from_head, gate_uniform, token_keys
+from nvium_jax.inference.segments import pack_blocks, run_packed, run_rows
+from nvium_jax.inference.state import (
+    DecodeState,
+    choose_exit,
+    count_run,
+    drop_pending,
+    gate_q,
+    pending_kv,
+    record_tokens,
+    write_pending,
+)
+
+
+def exit_decision(model, s: int, h_t_BxD, gate_rows_B, keys_BxKx2):
+    """Rows of `gate_rows_B` whose token exits at s (u_s < q_s; always at the final exit),
+    and the head input of exit s for every row (norm and adapter: cheaper than a branch)."""
+    z_BxD = model.exit_norm(s, h_t_BxD)
+    if s < model.config.n_exits - 1:
+        exits_B = gate_rows_B & (gate_uniform(keys_BxKx2, s) < gate_q(model, s, z_BxD))
+    else:
+        exits_B = gate_rows_B
+    return exits_B, model.exit_state(s, z_BxD)
+
+
+def write_ring(ring_BxRxD, h_NxD, row_N, pos_N, valid_N):
+    R = ring_BxRxD.shape[1]
+    return ring_BxRxD.at[row_N, jnp.where(valid_N, pos_N % R, R)].set(h_NxD, mode="drop")
+
+
+def first_segment(model, layers, state: DecodeState, rows_B, keys_BxKx2, opts):
+    """Segment 0 on each running row's new token x_t (a block of one), and its gate;
+    returns (state, exits_B, exit_state_BxD). Under a waiting schedule an iteration may
+    feed no new token, so there it sits in a `lax.cond`."""
+    B, t_B = rows_B.shape[0], state.pos_B
+    start, stop = model.config.segments[0]
+    k_seg, v_seg = state.k_layers[start:stop], state.v_layers[start:stop]
+
+    def run(k_seg, v_seg):
+        k_layers = dict(zip(range(start, stop), k_seg))
+        v_layers = dict(zip(range(start, stop), v_seg))
+        h_Bx1xD, kv = run_rows(model, layers, 0, k_layers, v_layers,
+                               model.embed(state.token_B[:, None]), t_B[:, None],
+                               rows_B[:, None], t_B, opts.attention)
+        exits_B, exit_state_BxD = exit_decision(model, 0, h_Bx1xD[:, 0], rows_B, keys_BxKx2)
+        return h_Bx1xD[:, 0], kv, exits_B, exit_state_BxD
+
+    if opts.waits:
+        shapes = jax.eval_shape(run, k_seg, v_seg)
+        skip = lambda *_: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+        ran = jnp.any(rows_B)
+        h_BxD, (k_list, v_list), exits_B, exit_state_BxD = jax.lax.cond(ran, run, skip, k_seg, v_seg)
+    else:
+        ran = jnp.array(True)
+        h_BxD, (k_list, v_list), exits_B, exit_state_BxD = run(k_seg, v_seg)
+    row_B = jnp.arange(B)
+    kv = pending_kv([k[:, 0] for k in k_list], [v[:, 0] for v in v_list], row_B, t_B, rows_B,
+                    cache_len(state))
+    state = state._replace(
+        pending=set_at(state.pending, 0, kv),
+        ring_BxRxD=write_ring(state.ring_BxRxD, h_BxD, row_B, t_B, rows_B),
+        fill_BxK=state.fill_BxK.at[:, 0].set(jnp.where(rows_B, t_B + 1, state.fill_BxK[:, 0])),
+    )
+    return count_run(state, 0, ran, rows_B, t_B + 1, model, exits=True), exits_B, exit_state_BxD
+
+
+def plan_run(start_B, stop_B, rows_B, optional_B, sizes: tuple, batch: int):
+    """How many tokens of each row a deep segment's run takes, and its branch: 0 skips
+    (no row must run), 1 is one token per row (batch > 1: every running row has at most
+    one, as in a steady `advance`), then each packed size. Rows of `optional_B` advance
+    a prefix of their pending block into the room that the run leaves (at least the batch
+    size in all, when that much is pending), so compiled slots hold real tokens."""
+    sizes_A = jnp.asarray(sizes)
+    must_B = jnp.where(rows_B, jnp.maximum(stop_B - start_B, 0), 0)
+    n_must = jnp.sum(must_B)
+    spare_B = jnp.zeros_like(must_B)
+    if optional_B is not None:
+        spare_B = jnp.where(optional_B & ~rows_B, jnp.maximum(stop_B - start_B, 0), 0)
+    one_per_row = (batch > 1) & (jnp.max(must_B) <= 1)
+    target = jnp.maximum(n_must, jnp.minimum(n_must + jnp.sum(spare_B), 2 * batch))
+    packed_index = jnp.sum(sizes_A < target)
+    room = sizes_A[packed_index] - n_must
+    taken_B = jnp.clip(room - (jnp.cumsum(spare_B) - spare_B), 0, spare_B)
+    taken_B = jnp.where(one_per_row, jnp.minimum(spare_B, 1), taken_B)
+    index = jnp.where(one_per_row, 1, 2 + packed_index) if batch > 1 else 1 + packed_index
+    index = jnp.where(n_must > 0, index, 0)
+    taken_B = jnp.where(n_must > 0, taken_B, 0)
+    return must_B + taken_B, index
+
+
+def run_blocks(model, layers, state: DecodeState, s: int, start_B, stop_B, rows_B, opts,
+               gate=None, optional_B=None):
+    """Segment s ≥ 1 on positions [start_b, stop_b) of each row in `rows_B` (and a prefix
+    of the blocks of `optional_B`, see `plan_run`) — one `lax.switch`. With
+    `gate = (gate_rows_B, keys)`, each gate row's token (at stop_b − 1) meets exit s.
+    Returns (state, exits_B, exit_state_BxD)."""
+    cfg = model.config
+    B, D = rows_B.shape[0], cfg.d_model
+    start, stop = cfg.segments[s]
+    sizes = opts.block_sizes
+    len_B, index = plan_run(start_B, stop_B, rows_B, optional_B, sizes, B)
+    rows_B = len_B > 0
+    stop_B = jnp.where(rows_B, start_B + len_B, stop_B)
+    packed = pack_blocks(start_B, len_B, sizes[-1])
+    off_B = jnp.cumsum(len_B) - len_B
+    pad = lambda x, size: jnp.pad(x, [(0, sizes[-1] - size)] + [(0, 0)] * (x.ndim - 1))
+
+    def finish(h_NxD, k_list, v_list, size, last_B):
+        out = (pad(h_NxD, size), [pad(k, size) for k in k_list], [pad(v, size) for v in v_list])
+        if gate is None:
+            return out + (jnp.zeros((B,), bool), jnp.zeros((B, D), model.dtype))
+        gate_rows_B, keys_BxKx2 = gate
+        return out + exit_decision(model, s, h_NxD[last_B], gate_rows_B, keys_BxKx2)
+
+    def at_size(size, ring_BxRxD, k_seg, v_seg):
+        kv_layers = [dict(zip(range(start, stop), kv)) for kv in (k_seg, v_seg)]
+        p = jax.tree.map(lambda x: x[:size], packed)
+        h_NxD = ring_BxRxD[p.row_N, p.pos_N % opts.ring]
+        if B == 1:  # one row: the packed list is the row's block
+            h_1xNxD, (k_list, v_list) = run_rows(
+                model, layers, s, *kv_layers, h_NxD[None], p.pos_N[None], p.valid_N[None],
+                start_B, opts.attention)
+            h_NxD, k_list, v_list = h_1xNxD[0], [k[0] for k in k_list], [v[0] for v in v_list]
+        else:
+            h_NxD, (k_list, v_list) = run_packed(
+                model, layers, s, *kv_layers, h_NxD, p, start_B, len_B, opts.window,
+                opts.attention)
+        last_B = jnp.clip(off_B + len_B - 1, 0, size - 1)  # a gate row's token is its last
+        return finish(h_NxD, k_list, v_list, size, last_B)
+
+    def one_per_row(ring_BxRxD, k_seg, v_seg):
+        kv_layers = [dict(zip(range(start, stop), kv)) for kv in (k_seg, v_seg)]
+        h_BxD = ring_BxRxD[jnp.arange(B), start_B % opts.ring]
+        h_Bx1xD, (k_list, v_list) = run_rows(
+            model, layers, s, *kv_layers, h_BxD[:, None], start_B[:, None], rows_B[:, None],
+            start_B, opts.attention)
+        # into packed order: packed token n is row n's only token
+        to_packed = lambda x_BxY: x_BxY[:, 0][packed.row_N[:B]]
+        return finish(to_packed(h_Bx1xD), [to_packed(k) for k in k_list],
+                      [to_packed(v) for v in v_list], B, jnp.clip(off_B, 0, B - 1))
+
+    branches = [functools.partial(at_size, size) for size in sizes]
+    if B > 1:
+        branches.insert(0, one_per_row)
+    operands = (state.ring_BxRxD, state.k_layers[start:stop], state.v_layers[start:stop])
+    skip_shapes = jax.eval_shape(branches[-1], *operands)
+    branches.insert(0, lambda *_: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), skip_shapes))
+    h_NxD, k_list, v_list, exits_B, exit_state_BxD = jax.lax.switch(index, branches, *operands)
+    kv = pending_kv(k_list, v_list, packed.row_N, packed.pos_N, packed.valid_N, cache_len(state))
+    state = state._replace(
+        pending=set_at(state.pending, s, kv),
+        ring_BxRxD=write_ring(state.ring_BxRxD, h_NxD, packed.row_N, packed.pos_N, packed.valid_N),
+        fill_BxK=state.fill_BxK.at[:, s].set(jnp.where(rows_B, stop_B, state.fill_BxK[:, s])),
+    )
+    state = count_run(state, s, index > 0, rows_B, stop_B, model, exits=gate is not None)
+    return state, exits_B, exit_state_BxD
+
+
+def segment_runs(waiting_B, state: DecodeState, fed_new_token, opts):
+    """Whether a deep segment runs this iteration for the rows waiting at it."""
+    anyone = jnp.any(waiting_B)
+    if not opts.waits:
+        return anyone
+    enough = jnp.sum(waiting_B) >= opts.wait_rows
+    starving = jnp.any(waiting_B & (state.age_B >= opts.wait_age))
+    return anyone & (enough | starving | ~fed_new_token)
+
+
+def deferred_iteration(model, layers, state: DecodeState, active_B, opts) -> DecodeState:
+    cfg = model.config
+    K, B, D = cfg.n_exits, state.pos_B.shape[0], cfg.d_model
+    t_B = state.pos_B
+    fed_B = active_B & (state.need_B == 0)
+    flush_B = fed_B & (t_B - state.fill_BxK[:, K - 1] + 1 > opts.window)
+    keys_BxKx2 = token_keys(state.row_key_Bx2, state.n_B, K)
+    chosen_BxD = jnp.zeros((B, D), model.dtype)
+    exit_B = jnp.zeros((B,), jnp.int32)
+    sampled_B = jnp.zeros((B,), bool)
+    moved_B = jnp.zeros((B,), bool)
+    fed_new_token = jnp.any(fed_B)
+    for s in range(K):
+        if s == 0:
+            gate_rows_B = fed_B
+            state, exits_now_B, exit_state_BxD = first_segment(
+                model, layers, state, fed_B, keys_BxKx2, opts)
+        else:
+            waiting_B = active_B & (state.need_B == s)
+            gate_rows_B = waiting_B & ~flush_B
+            gate_rows_B &= segment_runs(gate_rows_B, state, fed_new_token, opts)
+            advance_B = opts.advance & active_B & ~gate_rows_B
+            start_B = state.fill_BxK[:, s]
+            # a row's pending block ends below t — or at t once its token has exited above s
+            # (a flushing row's block already spans W positions without it)
+            pending_end_B = jnp.minimum(state.fill_BxK[:, s - 1], t_B + (sampled_B & ~flush_B))
+            stop_B = jnp.where(gate_rows_B, t_B + 1, pending_end_B)
+            state, exits_now_B, exit_state_BxD = run_blocks(
+                model, layers, state, s, start_B, stop_B, gate_rows_B | flush_B, opts,
+                gate=(gate_rows_B, keys_BxKx2), optional_B=advance_B)
+        chosen_BxD = jnp.where(exits_now_B[:, None], exit_state_BxD, chosen_BxD)
+        exit_B = jnp.where(exits_now_B, s, exit_B)
+        sampled_B |= exits_now_B
+        moved_B |= gate_rows_B
+        need_B = jnp.where(gate_rows_B, jnp.where(exits_now_B, -1, s + 1), state.need_B)
+        state = state._replace(need_B=need_B)
+    age_B = jnp.where(moved_B, 0, state.age_B + (active_B & (state.need_B > 0)))
+    state = state._replace(age_B=age_B, flushes=state.flushes + jnp.any(flush_B),
+                           head_runs=state.head_runs + 1)
+    token_B = draw_from_head(model, chosen_BxD, keys_BxKx2)  # cheaper than a branch round it
+    return record_tokens(state, sampled_B, token_B, exit_B, opts)
+
+
+def dense_iteration(model, layers, state: DecodeState, active_B, opts) -> DecodeState:
+    """Every layer for every active row's token, then the same draw as prefill."""
+    cfg = model.config
+    K, B = cfg.n_exits, active_B.shape[0]
+    t_B, row_B = state.pos_B, jnp.arange(B)
+    h_Bx1xD = model.embed(state.token_B[:, None])
+    exit_h = []
+    for s in range(K):
+        h_Bx1xD, (k_list, v_list) = run_rows(
+            model, layers, s, state.k_layers, state.v_layers, h_Bx1xD, t_B[:, None],
+            active_B[:, None], t_B, opts.attention)
+        kv = pending_kv([k[:, 0] for k in k_list], [v[:, 0] for v in v_list], row_B, t_B,
+                        active_B, cache_len(state))
+        state = state._replace(pending=set_at(state.pending, s, kv))
+        state = count_run(state, s, jnp.array(True), active_B, t_B + 1, model, exits=True)
+        exit_h.append(h_Bx1xD[:, 0])
+    keys_BxKx2 = token_keys(state.row_key_Bx2, state.n_B, K)
+    token_B, exit_B = choose_exit(model, jnp.stack(exit_h), keys_BxKx2, opts)
+    fill_BxK = jnp.where(active_B[:, None], t_B[:, None] + 1, state.fill_BxK)
+    state = state._replace(fill_BxK=fill_BxK, head_runs=state.head_runs + 1)
+    return record_tokens(state, active_B, token_B, exit_B, opts)
+
+
+def decode_loop(model, layers, state: DecodeState, n_limit, opts) -> DecodeState:
+    """Iterates until every row stopped or holds `n_limit` new tokens (a traced bound, so
+    streaming runs chunks of one compiled loop)."""
+    iteration = dense_iteration if opts.mode == "dense" else deferred_iteration
+
+    def active(state):
+        return ~state.done_B & (state.n_B < n_limit)
+
+    def body(state):
+        state = write_pending(state, model)  # last iteration's K/V, before any read
+        return iteration(model, layers, state, active(state), opts)
+
+    state = jax.lax.while_loop(lambda state: jnp.any(active(state)), body, state)
+    return drop_pending(write_pending(state, model))
+
+
+def flush_state(model, layers, state: DecodeState, opts) -> DecodeState:
+    """Runs every segment s ≥ 1 on its pending positions [m_s, t) for every row."""
+    rows_B = jnp.ones_like(state.done_B)
+    state = write_pending(state, model)
+    for s in range(1, model.config.n_exits):
+        start_B = state.fill_BxK[:, s]
+        stop_B = jnp.minimum(state.fill_BxK[:, s - 1], state.pos_B)
+        state, _, _ = run_blocks(model, layers, state, s, start_B, stop_B, rows_B, opts)
+    return drop_pending(write_pending(state, model))
+
+
+def cache_len(state: DecodeState) -> int:
+    return state.k_layers[0].shape[1]
+
+
+def set_at(items: tuple, index: int, value) -> tuple:
+    return items[:index] + (value,) + items[index + 1:]
