@@ -116,10 +116,10 @@ def _bench_decode(args: argparse.Namespace) -> int:
                               f"e.g. 0.35,0.25,0.15,0.25") from None
     model, decode = _decode_model(args)
     record = bench_decode(
-        model, batch=args.batch, max_new_tokens=args.max_new_tokens, exit_rates=rates,
-        repeats=args.repeats, window=decode.window if args.window is None else args.window,
-        schedule=args.schedule, attention=decode.attention,
-        reference_layouts=args.reference_layouts.split(","),
+        model, batch=args.batch, prompt_tokens=args.prompt_tokens,
+        max_new_tokens=args.max_new_tokens, exit_rates=rates, repeats=args.repeats,
+        window=decode.window if args.window is None else args.window, schedule=args.schedule,
+        attention=decode.attention,
     )
     _print_record(record, args.json)
     return 0
@@ -265,15 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.set_defaults(handler=_bench)
     bench_decode = bench_kinds.add_parser(
         "decode", help="deferred vs dense vs the matched baseline: tokens/s and the byte model",
-        description="Decode the same random 16-token prompts with N-vium deferred, N-vium dense "
-                    "and the parameter-matched baseline (fresh weights of the same size); print "
-                    "medians of interleaved repeats (compile excluded), the speedups, the byte "
-                    "model's ideal speedup for the measured exits and the efficiency.",
+        description="Decode the same random prompts with N-vium deferred, N-vium dense and the "
+                    "parameter-matched baseline (fresh weights of the same size); print medians "
+                    "of interleaved repeats of the decode loop (compile excluded; the prefill "
+                    "timed apart as prefill_s), the speedups, the byte model's ideal speedup for "
+                    "the measured exits and the efficiency.",
     )
     bench_decode.add_argument("--config", help="a YAML config (fresh weights)")
     bench_decode.add_argument("--run", help="a run dir (its latest checkpoint)")
     bench_decode.add_argument("overrides", nargs="*", metavar="key=value")
     bench_decode.add_argument("--batch", type=int, default=1)
+    bench_decode.add_argument("--prompt-tokens", type=int, default=16,
+                              help="random prompt tokens per row (default 16)")
     bench_decode.add_argument("--max-new-tokens", type=int, default=128)
     bench_decode.add_argument("--exit-rates", metavar="r1,..,rK",
                               help="force the fraction of tokens leaving at each exit through the "
@@ -282,9 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench_decode.add_argument("--window", type=int, default=None, help="default: decode.window")
     bench_decode.add_argument("--schedule", choices=["advance", "lockstep", "wait", "wait+advance"],
                               default="advance", help="how a batch shares deep segments (README)")
-    bench_decode.add_argument("--reference-layouts", default="unrolled,scan", metavar="L1,L2",
-                              help="layer layouts timed for dense and baseline, each counted at its "
-                                   "fastest (default unrolled,scan)")
     bench_decode.add_argument("--json", action="store_true")
     bench_decode.set_defaults(handler=_bench_decode)
 

@@ -40,30 +40,36 @@ def test_forced_rates_set_every_gate_exactly():
 def test_run_counters_match_a_count_from_the_exits():
     model = build_model(CFG, seed=0)
     force_exit_rates(model, REFERENCE_EXIT_RATES)
-    # batch 1 (this seed needs no flush): token n ≥ 1 runs segments 0..exit_n at stop position P + n
+    # batch 1 (this seed needs no flush): token n ≥ 1 runs segments 0..exit_n at stop
+    # position P + n, and each segment that runs evaluates its exit (norm, router, adapter)
     one = generate(model, [[1, 2, 3, 4]], 40, seed=1, window=16, return_state=True)
     exits_n = one.exits_BxN[0, 1:]
     layers = np.diff((0, *CFG.exit_depths))
     runs = [(exits_n >= s).sum() for s in range(4)]
     np.testing.assert_array_equal(one.state.segment_runs_K, runs)
+    np.testing.assert_array_equal(one.state.exit_runs_K, runs)
     kv = sum(layers[: e + 1].sum() * (4 + n) for n, e in enumerate(exits_n, start=1))
     assert float(one.state.kv_reads) == kv
     assert int(one.state.head_runs) == 39 and one.flushes == 0
     exits = one.exits_BxN[0]
     assert (exits == 0).any() and (exits == 3).any()
     costs = byte_costs(CFG)
-    expected = (np.dot(runs, np.add(costs.segment_K, costs.router_K))
-                + np.dot(np.asarray(one.state.exit_runs_K), costs.adapter_K)
+    expected = (np.dot(runs, np.add(np.add(costs.segment_K, costs.router_K), costs.adapter_K))
                 + 39 * costs.head + kv * costs.kv_per_layer_position)
     assert bytes_read(one.state, costs) == pytest.approx(expected)
-    np.testing.assert_array_equal(one.state.exit_runs_K, np.bincount(exits_n, minlength=4))
+    # the closed form per piece: a layer's weights, a router, an adapter with its norm
+    D, F, E, H, G = CFG.d_model, CFG.d_ff, CFG.head_dim, CFG.n_heads, CFG.kv_heads
+    layer_bytes = 4 * (2 * D * H * E + 2 * D * G * E + 3 * D * F + 2 * D)
+    assert costs.segment_K == tuple(layer_bytes * n for n in layers)
+    assert costs.adapter_K[0] == 4 * (D + 2 * D * CFG.adapter_width)
+    assert costs.kv_per_layer_position == 4 * 2 * G * E
 
 
 @pytest.mark.slow
 def test_bench_decode_cli_json(capsys):
     args = ["bench", "decode", "--config", "configs/nvium-tiny.yaml", "model.vocab_size=64",
             "model.context=48", "model.dtype=float32", "--max-new-tokens", "6", "--repeats", "1",
-            "--exit-rates", "0.35,0.25,0.15,0.25", "--batch", "2", "--reference-layouts", "scan",
+            "--exit-rates", "0.35,0.25,0.15,0.25", "--batch", "2", "--prompt-tokens", "5",
             "--json"]
     assert main(args) == 0
     record = json.loads(capsys.readouterr().out)
@@ -71,7 +77,7 @@ def test_bench_decode_cli_json(capsys):
             "dense_tokens_per_s", "baseline_tokens_per_s", "speedup", "speedup_vs_dense",
             "ideal_speedup", "efficiency"}
     assert keys <= set(record)
-    assert record["batch"] == 2 and record["new_tokens"] == 6
+    assert record["batch"] == 2 and record["new_tokens"] == 6 and record["prompt_tokens"] == 5
     assert len(record["exit_distribution"]) == 4 and sum(record["exit_distribution"]) == pytest.approx(1, abs=1e-3)
     assert record["efficiency"] == pytest.approx(record["speedup_vs_dense"] / record["ideal_speedup"], rel=1e-3)
     assert record["speedup"] == pytest.approx(record["nvium_tokens_per_s"] / record["baseline_tokens_per_s"], rel=1e-3)

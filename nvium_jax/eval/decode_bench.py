@@ -3,18 +3,21 @@
 The same prompts are decoded by (a) N-vium deferred, (b) N-vium dense (same weights, every
 layer) and (c) the parameter-matched baseline; repeats are interleaved (a, b, c, a, b, c, …)
 so drifting machine speed hits all three alike, compile and warm-up are excluded, and the
-medians give `speedup = a / c` (the paper's headline) and `speedup_vs_dense = a / b`. The
-references (b) and (c) run both with their layers unrolled and under `lax.scan`, and each
-counts at its faster layout (on a CPU a 12-layer scan beat the unrolled stack by 1.3×), so
-the speedups are never taken against a needlessly slow reference.
+medians give `speedup = a / c` (the paper's headline) and `speedup_vs_dense = a / b`.
+Tokens/s are those of the decode loop — every new token after the first, over the loop's
+seconds — with the prefill (the prompt and the first token, the same work in all three)
+timed apart and reported as `prefill_s`: at a 512-token prompt the prefill takes longer
+than 32 new tokens, and counting it would hide the decode speed the byte model describes.
+Every decode path runs its layers unrolled on weights sliced per layer before the loop
+(a scan over the stacked weights copies each layer's slice per token).
 
 Byte model (DESIGN §1 "Cost model"): small-batch decode is memory-bound, so a run costs the
 bytes it reads — each segment's weights once per run of that segment (whatever the block
-or batch), the router MLP of an early exit per run of its segment, an exit's adapter per
-iteration that draws from it, the shared head per iteration that draws, and per running
-row the KV of the segment's layers below its position. The decode loop counts those runs
-(`DecodeState.segment_runs_K`, `kv_reads`, `exit_runs_K`, `head_runs`), so
-`ideal_speedup = dense bytes / deferred bytes` for the very tokens both produced.
+or batch), the norm, router and adapter of an exit per run that evaluates them, the shared
+head once per iteration, and per running row the KV of the segment's layers below its
+position. The decode loop counts those runs (`DecodeState.segment_runs_K`, `exit_runs_K`,
+`head_runs`, `kv_reads`), so `ideal_speedup = dense bytes / deferred bytes` for the very
+tokens both produced.
 """
 
 from __future__ import annotations
@@ -31,12 +34,17 @@ import numpy as np
 from nvium_jax.config import ModelConfig
 from nvium_jax.inference import generate
 from nvium_jax.model import build_model
-from nvium_jax.model.count import matched_baseline_model
+from nvium_jax.model.count import (
+    adapter_param_count,
+    block_param_count,
+    kv_values_per_token,
+    matched_baseline_model,
+    router_param_count,
+)
 from nvium_jax.model.transformer import compute_dtype
 
 REFERENCE_EXIT_RATES = (0.35, 0.25, 0.15, 0.25)
-LAYER_LAYOUTS = {"unrolled": True, "scan": False}  # how run_layers applies a segment
-PROMPT_TOKENS = 16
+PROMPT_TOKENS = 16  # the default prompt length
 
 
 def gate_probabilities(exit_rates: Sequence[float]) -> list[float]:
@@ -80,16 +88,13 @@ class ByteCosts:
 
 def byte_costs(cfg: ModelConfig) -> ByteCosts:
     size = jnp.dtype(compute_dtype(cfg.dtype)).itemsize
-    D, F, E, H, G = cfg.d_model, cfg.d_ff, cfg.head_dim, cfg.n_heads, cfg.kv_heads
-    A, R = cfg.adapter_width, cfg.router_width
-    layer = 2 * D * H * E + 2 * D * G * E + 3 * D * F + 2 * D
-    early = len(cfg.early_exits)
+    D, early = cfg.d_model, len(cfg.early_exits)
     return ByteCosts(
-        segment_K=tuple(size * layer * (stop - start) for start, stop in cfg.segments),
-        router_K=tuple([size * (D * R + R + 2 * R + 2)] * early + [0.0]),
-        adapter_K=tuple([size * (D + 2 * D * A)] * early + [size * D]),
+        segment_K=tuple(size * block_param_count(cfg) * (stop - start) for start, stop in cfg.segments),
+        router_K=tuple([size * router_param_count(cfg)] * early + [0.0]),
+        adapter_K=tuple([size * (D + adapter_param_count(cfg))] * early + [size * D]),
         head=size * D * cfg.vocab_size,
-        kv_per_layer_position=size * 2 * G * E,
+        kv_per_layer_position=size * kv_values_per_token(cfg),
     )
 
 
@@ -98,29 +103,29 @@ def bytes_read(state, costs: ByteCosts) -> float:
     runs_K = np.asarray(state.segment_runs_K, np.float64)
     exits_K = np.asarray(state.exit_runs_K, np.float64)
     return float(
-        runs_K @ (np.array(costs.segment_K) + np.array(costs.router_K))
-        + exits_K @ np.array(costs.adapter_K)
+        runs_K @ np.array(costs.segment_K)
+        + exits_K @ (np.array(costs.router_K) + np.array(costs.adapter_K))
         + float(state.head_runs) * costs.head
         + float(state.kv_reads) * costs.kv_per_layer_position
     )
 
 
-def bench_prompts(vocab_size: int, batch: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, vocab_size, (batch, PROMPT_TOKENS), np.int32)
+def bench_prompts(vocab_size: int, batch: int, prompt_tokens: int = PROMPT_TOKENS,
+                  seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab_size, (batch, prompt_tokens), np.int32)
 
 
 def bench_decode(
     model,
     *,
     batch: int = 1,
+    prompt_tokens: int = PROMPT_TOKENS,
     max_new_tokens: int = 128,
     exit_rates: Optional[Sequence[float]] = None,
     repeats: int = 5,
     window: int = 16,
     schedule: str = "advance",
     attention: str = "auto",
-    unroll: bool = True,
-    reference_layouts: Sequence[str] = tuple(LAYER_LAYOUTS),
     seed: int = 0,
 ) -> dict:
     """Tokens/s of deferred, dense and the matched baseline on the same prompts (DESIGN §3
@@ -128,38 +133,30 @@ def bench_decode(
     cfg = model.config
     if exit_rates is not None:
         force_exit_rates(model, exit_rates)
+    if prompt_tokens < 1 or prompt_tokens + 1 >= cfg.context:
+        raise ValueError(f"--prompt-tokens {prompt_tokens}: give at least 1 and leave room for new "
+                         f"tokens in model.context={cfg.context}")
+    if max_new_tokens < 2:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: give at least 2 (the first new token "
+                         f"comes from the prefill, the loop decodes the rest)")
     baseline = build_model(matched_baseline_model(cfg), seed=seed)
-    prompts = bench_prompts(cfg.vocab_size, batch, seed)
-    if PROMPT_TOKENS + 1 >= cfg.context:
-        raise ValueError(f"model.context={cfg.context} leaves no room after {PROMPT_TOKENS}-token prompts")
-    n_new = min(max_new_tokens, cfg.context - PROMPT_TOKENS)
-    common = dict(seed=seed, window=window, attention=attention)
+    prompts = bench_prompts(cfg.vocab_size, batch, prompt_tokens, seed)
+    n_new = min(max_new_tokens, cfg.context - prompt_tokens)
+    common = dict(seed=seed, window=window, attention=attention, return_state=True)
     runs = {
-        "nvium": lambda: generate(model, prompts, n_new, schedule=schedule, unroll=unroll,
-                                  return_state=True, **common),
+        "nvium": lambda t: generate(model, prompts, n_new, schedule=schedule, timings=t, **common),
+        "dense": lambda t: generate(model, prompts, n_new, decode="dense", timings=t, **common),
+        "baseline": lambda t: generate(baseline, prompts, n_new, decode="dense", timings=t, **common),
     }
-    unknown = set(reference_layouts) - set(LAYER_LAYOUTS)
-    if unknown or not reference_layouts:
-        raise ValueError(f"reference layouts {sorted(unknown)}: choose from {', '.join(LAYER_LAYOUTS)}")
-    for layers in reference_layouts:  # the references at their fastest layout
-        unrolled = LAYER_LAYOUTS[layers]
-        runs[f"dense/{layers}"] = lambda u=unrolled: generate(
-            model, prompts, n_new, decode="dense", unroll=u, return_state=True, **common)
-        runs[f"baseline/{layers}"] = lambda u=unrolled: generate(
-            baseline, prompts, n_new, decode="dense", unroll=u, **common)
-    outputs = {name: run() for name, run in runs.items()}  # compile and warm up
-    seconds = {name: [] for name in runs}
+    outputs = {name: run({}) for name, run in runs.items()}  # compile and warm up
+    timings = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            start = time.perf_counter()
-            outputs[name] = run()
-            seconds[name].append(time.perf_counter() - start)
-    rate = {name: int(out.lengths_B.sum()) / statistics.median(seconds[name])
+            timings[name].append({})
+            outputs[name] = run(timings[name][-1])
+    median = lambda name, key: statistics.median(t[key] for t in timings[name])
+    rate = {name: int((out.lengths_B - 1).sum()) / median(name, "decode_s")
             for name, out in outputs.items()}
-    best = {ref: max(reference_layouts, key=lambda layers: rate[f"{ref}/{layers}"])
-            for ref in ("dense", "baseline")}
-    for ref, layers in best.items():
-        rate[ref], outputs[ref] = rate[f"{ref}/{layers}"], outputs[f"{ref}/{layers}"]
     deferred, dense = outputs["nvium"], outputs["dense"]
     if not np.array_equal(deferred.tokens_BxN, dense.tokens_BxN) and cfg.dtype == "float32":
         raise RuntimeError("deferred and dense decoding disagree in float32: a bug, please report")
@@ -172,6 +169,7 @@ def bench_decode(
     return {
         "device": f"{device.platform}:{getattr(device, 'device_kind', device.platform)}",
         "batch": batch,
+        "prompt_tokens": prompt_tokens,
         "new_tokens": n_new,
         "exit_distribution": [round(float(x), 4) for x in distribution],
         "nvium_tokens_per_s": round(rate["nvium"], 2),
@@ -181,11 +179,9 @@ def bench_decode(
         "speedup_vs_dense": round(speedup_vs_dense, 4),
         "ideal_speedup": round(ideal, 4),
         "efficiency": round(speedup_vs_dense / ideal, 4),
+        "prefill_s": {name: round(median(name, "prefill_s"), 4) for name in runs},
         "flushes": deferred.flushes,
         "schedule": schedule if batch > 1 else "batch 1",
         "window": window,
-        "layers": "unrolled" if unroll else "scan",
-        "dense_layers": best["dense"],
-        "baseline_layers": best["baseline"],
         "repeats": repeats,
     }
