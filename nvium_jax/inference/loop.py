@@ -95,28 +95,28 @@ def first_segment(model, layers, state: DecodeState, rows_B, keys_BxKx2, opts):
     return count_run(state, 0, ran, rows_B, t_B + 1, model, exits=True), exits_B, exit_state_BxD
 
 
-def plan_run(start_B, stop_B, rows_B, optional_B, sizes: tuple, batch: int):
-    """How many tokens of each row a deep segment's run takes, and its branch: 0 skips
-    (no row must run), 1 is one token per row (batch > 1: every running row has at most
-    one, as in a steady `advance`), then each packed size. Rows of `optional_B` advance
-    a prefix of their pending block into the room that the run leaves (at least the batch
-    size in all, when that much is pending), so compiled slots hold real tokens."""
-    sizes_A = jnp.asarray(sizes)
+def plan_run(start_B, stop_B, rows_B, optional_B, shapes: tuple, batch: int):
+    """How many tokens of each row a deep segment's run takes, and its branch: 0 skips (no
+    row must run), else 1 + the first of `shapes` (tokens, width) that holds every row's
+    block and the run's target. Rows of `optional_B` advance a prefix of their pending
+    block into the room the run leaves (up to twice the batch in all, when that much is
+    pending, and never past the width), so compiled slots hold real tokens."""
+    tokens_A = jnp.asarray([n for n, _ in shapes])
+    width_A = jnp.asarray([w for _, w in shapes])
     must_B = jnp.where(rows_B, jnp.maximum(stop_B - start_B, 0), 0)
     n_must = jnp.sum(must_B)
     spare_B = jnp.zeros_like(must_B)
     if optional_B is not None:
         spare_B = jnp.where(optional_B & ~rows_B, jnp.maximum(stop_B - start_B, 0), 0)
-    one_per_row = (batch > 1) & (jnp.max(must_B) <= 1)
     target = jnp.maximum(n_must, jnp.minimum(n_must + jnp.sum(spare_B), 2 * batch))
-    packed_index = jnp.sum(sizes_A < target)
-    room = sizes_A[packed_index] - n_must
+    target = jnp.minimum(target, tokens_A[-1])
+    fits_A = (tokens_A >= target) & (width_A >= jnp.max(must_B))
+    choice = jnp.argmax(fits_A)  # the first that fits (the last always does)
+    room = tokens_A[choice] - n_must
+    spare_B = jnp.minimum(spare_B, width_A[choice] - must_B)
     taken_B = jnp.clip(room - (jnp.cumsum(spare_B) - spare_B), 0, spare_B)
-    taken_B = jnp.where(one_per_row, jnp.minimum(spare_B, 1), taken_B)
-    index = jnp.where(one_per_row, 1, 2 + packed_index) if batch > 1 else 1 + packed_index
-    index = jnp.where(n_must > 0, index, 0)
-    taken_B = jnp.where(n_must > 0, taken_B, 0)
-    return must_B + taken_B, index
+    index = jnp.where(n_must > 0, 1 + choice, 0)
+    return must_B + jnp.where(n_must > 0, taken_B, 0), index
 
 
 def run_blocks(model, layers, state: DecodeState, s: int, start_B, stop_B, rows_B, opts,
@@ -128,13 +128,14 @@ def run_blocks(model, layers, state: DecodeState, s: int, start_B, stop_B, rows_
     cfg = model.config
     B, D = rows_B.shape[0], cfg.d_model
     start, stop = cfg.segments[s]
-    sizes = opts.block_sizes
-    len_B, index = plan_run(start_B, stop_B, rows_B, optional_B, sizes, B)
+    shapes = opts.run_shapes
+    most = shapes[-1][0]
+    len_B, index = plan_run(start_B, stop_B, rows_B, optional_B, shapes, B)
     rows_B = len_B > 0
     stop_B = jnp.where(rows_B, start_B + len_B, stop_B)
-    packed = pack_blocks(start_B, len_B, sizes[-1])
+    packed = pack_blocks(start_B, len_B, most)
     off_B = jnp.cumsum(len_B) - len_B
-    pad = lambda x, size: jnp.pad(x, [(0, sizes[-1] - size)] + [(0, 0)] * (x.ndim - 1))
+    pad = lambda x, size: jnp.pad(x, [(0, most - size)] + [(0, 0)] * (x.ndim - 1))
 
     def finish(h_NxD, k_list, v_list, size, last_B):
         out = (pad(h_NxD, size), [pad(k, size) for k in k_list], [pad(v, size) for v in v_list])
@@ -143,7 +144,7 @@ def run_blocks(model, layers, state: DecodeState, s: int, start_B, stop_B, rows_
         gate_rows_B, keys_BxKx2 = gate
         return out + exit_decision(model, s, h_NxD[last_B], gate_rows_B, keys_BxKx2)
 
-    def at_size(size, ring_BxRxD, k_seg, v_seg):
+    def packed_run(size, width, ring_BxRxD, k_seg, v_seg):
         kv_layers = [dict(zip(range(start, stop), kv)) for kv in (k_seg, v_seg)]
         p = jax.tree.map(lambda x: x[:size], packed)
         h_NxD = ring_BxRxD[p.row_N, p.pos_N % opts.ring]
@@ -154,8 +155,7 @@ def run_blocks(model, layers, state: DecodeState, s: int, start_B, stop_B, rows_
             h_NxD, k_list, v_list = h_1xNxD[0], [k[0] for k in k_list], [v[0] for v in v_list]
         else:
             h_NxD, (k_list, v_list) = run_packed(
-                model, layers, s, *kv_layers, h_NxD, p, start_B, len_B, opts.window,
-                opts.attention)
+                model, layers, s, *kv_layers, h_NxD, p, start_B, len_B, width, opts.attention)
         last_B = jnp.clip(off_B + len_B - 1, 0, size - 1)  # a gate row's token is its last
         return finish(h_NxD, k_list, v_list, size, last_B)
 
@@ -170,9 +170,8 @@ def run_blocks(model, layers, state: DecodeState, s: int, start_B, stop_B, rows_
         return finish(to_packed(h_Bx1xD), [to_packed(k) for k in k_list],
                       [to_packed(v) for v in v_list], B, jnp.clip(off_B, 0, B - 1))
 
-    branches = [functools.partial(at_size, size) for size in sizes]
-    if B > 1:
-        branches.insert(0, one_per_row)
+    branches = [one_per_row if (B > 1 and width == 1) else functools.partial(packed_run, size, width)
+                for size, width in shapes]
     operands = (state.ring_BxRxD, state.k_layers[start:stop], state.v_layers[start:stop])
     skip_shapes = jax.eval_shape(branches[-1], *operands)
     branches.insert(0, lambda *_: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), skip_shapes))

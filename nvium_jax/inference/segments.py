@@ -128,12 +128,11 @@ def run_rows(model, layers, s: int, k_layers, v_layers, h_BxTxD, pos_BxT, valid_
 
 
 def run_packed(model, layers, s: int, k_layers, v_layers, h_NxD, packed: Packed, start_B,
-               len_B, window: int, attention: str):
-    """Segment s on N packed tokens of several rows (no row's block longer than `window`);
+               len_B, width: int, attention: str):
+    """Segment s on N packed tokens of several rows (no row's block longer than `width`);
     returns (h_NxD, kv lists [N, G, E])."""
     start, stop = model.config.segments[s]
     B = start_B.shape[0]
-    width = min(h_NxD.shape[0], window)
 
     def attend(layer, q_1xNxHxE, k_1xNxGxE, v_1xNxGxE):
         return attend_packed_and_cache(
