@@ -12,7 +12,6 @@ the dense oracle in test_inference_decode.py; this file checks the cost structur
 import re
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from nvium_jax.inference import decode as D

@@ -1,7 +1,6 @@
 """Layers against per-query NumPy loops: RoPE, GQA attention, and a block attending to a
 KV cache (the decode path) against the full sequence."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

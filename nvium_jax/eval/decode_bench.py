@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from typing import Optional, Sequence
 
 import jax

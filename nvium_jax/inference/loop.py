@@ -10,16 +10,18 @@ One deferred iteration:
   3. one shared head for every row that exited this iteration, and one draw each.
 Whether segment s ≥ 1 runs is the schedule: `lockstep` runs it whenever a row needs it
 (the other rows masked); `advance` (the default) runs it likewise and lets the rows that do
-not need it push their own pending positions through it; `wait` lets a row wait until
+not need it push their own pending positions through it — a token that exited above s in
+this iteration included — so rows stay at most a token behind; `wait` lets a row wait until
 `wait_rows` rows need that segment (or it has waited `wait_age` iterations, or no row is
 feeding a new token); `wait+advance` does both. Every draw is indexed by
 (row, token) — `fold_in(fold_in(PRNGKey(seed), b), n)` split into K keys — never by
 iteration, so every schedule, and `dense`, return the same tokens and exits.
 
 What a GPU pays besides bytes is kept small: a deep segment is one `lax.switch` per
-iteration (skip, or one packed token count), its index computed arithmetically; the gate,
-adapter and head run unconditionally where they are needed; the cache and the ring are
-written after the switch, never inside it.
+iteration (skip, or one (tokens, width) run shape), its index computed arithmetically; the
+gate, adapter and head run unconditionally where they are needed; nothing is written inside
+a branch — the ring after the switch, the cache at the start of the next iteration (before
+anything reads it), so XLA copies neither.
 """
 
 from __future__ import annotations
@@ -68,9 +70,7 @@ def first_segment(model, layers, state: DecodeState, rows_B, keys_BxKx2, opts):
     k_seg, v_seg = state.k_layers[start:stop], state.v_layers[start:stop]
 
     def run(k_seg, v_seg):
-        k_layers = dict(zip(range(start, stop), k_seg))
-        v_layers = dict(zip(range(start, stop), v_seg))
-        h_Bx1xD, kv = run_rows(model, layers, 0, k_layers, v_layers,
+        h_Bx1xD, kv = run_rows(model, layers, 0, *by_layer(start, k_seg, v_seg),
                                model.embed(state.token_B[:, None]), t_B[:, None],
                                rows_B[:, None], t_B, opts.attention)
         exits_B, exit_state_BxD = exit_decision(model, 0, h_Bx1xD[:, 0], rows_B, keys_BxKx2)
@@ -145,7 +145,7 @@ def run_blocks(model, layers, state: DecodeState, s: int, start_B, stop_B, rows_
         return out + exit_decision(model, s, h_NxD[last_B], gate_rows_B, keys_BxKx2)
 
     def packed_run(size, width, ring_BxRxD, k_seg, v_seg):
-        kv_layers = [dict(zip(range(start, stop), kv)) for kv in (k_seg, v_seg)]
+        kv_layers = by_layer(start, k_seg, v_seg)
         p = jax.tree.map(lambda x: x[:size], packed)
         h_NxD = ring_BxRxD[p.row_N, p.pos_N % opts.ring]
         if B == 1:  # one row: the packed list is the row's block
@@ -160,7 +160,7 @@ def run_blocks(model, layers, state: DecodeState, s: int, start_B, stop_B, rows_
         return finish(h_NxD, k_list, v_list, size, last_B)
 
     def one_per_row(ring_BxRxD, k_seg, v_seg):
-        kv_layers = [dict(zip(range(start, stop), kv)) for kv in (k_seg, v_seg)]
+        kv_layers = by_layer(start, k_seg, v_seg)
         h_BxD = ring_BxRxD[jnp.arange(B), start_B % opts.ring]
         h_Bx1xD, (k_list, v_list) = run_rows(
             model, layers, s, *kv_layers, h_BxD[:, None], start_B[:, None], rows_B[:, None],
@@ -287,6 +287,11 @@ def flush_state(model, layers, state: DecodeState, opts) -> DecodeState:
         stop_B = jnp.minimum(state.fill_BxK[:, s - 1], state.pos_B)
         state, _, _ = run_blocks(model, layers, state, s, start_B, stop_B, rows_B, opts)
     return drop_pending(write_pending(state, model))
+
+
+def by_layer(start: int, k_seg, v_seg) -> tuple[dict, dict]:
+    """A segment's K and V buffers keyed by layer index."""
+    return (dict(enumerate(k_seg, start)), dict(enumerate(v_seg, start)))
 
 
 def cache_len(state: DecodeState) -> int:

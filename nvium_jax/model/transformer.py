@@ -9,7 +9,7 @@ q_k = P(exit at k | reached k); sequential halting makes the mixture weights
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

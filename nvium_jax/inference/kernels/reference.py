@@ -9,7 +9,6 @@ also what `decode.attention=auto` runs.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 
