@@ -96,6 +96,7 @@ def test_flush_completes_the_cache(model, prompts):
     assert pending > 1e-2  # before the flush some upper layers were still deferred
 
 
+@pytest.mark.slow
 def test_rows_are_independent_and_stop_on_their_own(model, prompts):
     """EOS in one row, the context limit in another, a one-token prompt, W = 1 and a
     budget that ends mid-window; a row's tokens never depend on the other rows."""
@@ -128,6 +129,7 @@ def test_streaming_chunks_equal_one_loop(model, prompts):
     assert len(seen) == 5 and (np.diff(np.array(seen), axis=0) >= 0).all()
 
 
+@pytest.mark.slow
 def test_pallas_attention_in_the_loop(model, prompts):
     pallas = generate(model, prompts[1:2], 4, seed=2, window=2, attention="pallas")
     reference = generate(model, prompts[1:2], 4, seed=2, window=2, attention="reference")

@@ -43,9 +43,10 @@ def test_packed_tokens_see_their_own_row_only():
     N = 8
     q, k, v = (rng.standard_normal((N, n, E)) for n in (H, G, G))
     cache_k, cache_v = (rng.standard_normal((B, G, S, E)) for _ in range(2))
-    got = attend_packed_and_cache(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), packed,
-                                  jnp.asarray(len_B), 4, jnp.asarray(cache_k, jnp.float32),
-                                  jnp.asarray(cache_v, jnp.float32), jnp.asarray(start_B), "reference")
+    packed_attention = jax.jit(attend_packed_and_cache, static_argnums=(5, 9))  # one compile
+    got = packed_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), packed,
+                           jnp.asarray(len_B), 4, jnp.asarray(cache_k, jnp.float32),
+                           jnp.asarray(cache_v, jnp.float32), jnp.asarray(start_B), "reference")
     rows, pos = np.asarray(packed.row_N), np.asarray(packed.pos_N)
     keys, values = [], []
     for n in range(int(len_B.sum())):
@@ -57,11 +58,12 @@ def test_packed_tokens_see_their_own_row_only():
     np.testing.assert_allclose(got[:n_real], numpy_attention(q[:n_real], keys, values), atol=1e-5)
     assert np.isfinite(np.asarray(got)).all()  # padding tokens too
     # the same tokens laid out one block per row give the same answer
+    row_attention = jax.jit(attend_block_and_cache, static_argnums=(8,))
     for b in range(B):
         mine = np.flatnonzero(rows[:n_real] == b)
         if mine.size == 0:
             continue
-        row = attend_block_and_cache(
+        row = row_attention(
             *(jnp.asarray(x[mine][None], jnp.float32) for x in (q, k, v)), jnp.asarray(pos[mine][None]),
             jnp.ones((1, mine.size), bool), jnp.asarray(cache_k[b:b + 1], jnp.float32),
             jnp.asarray(cache_v[b:b + 1], jnp.float32), jnp.asarray(start_B[b:b + 1]), "reference")

@@ -86,7 +86,7 @@ def first_segment(model, layers, state: DecodeState, rows_B, keys_BxKx2, opts):
         h_BxD, (k_list, v_list), exits_B, exit_state_BxD = run(k_seg, v_seg)
     row_B = jnp.arange(B)
     kv = pending_kv([k[:, 0] for k in k_list], [v[:, 0] for v in v_list], row_B, t_B, rows_B,
-                    cache_len(state))
+                    state.cache_len)
     state = state._replace(
         pending=set_at(state.pending, 0, kv),
         ring_BxRxD=write_ring(state.ring_BxRxD, h_BxD, row_B, t_B, rows_B),
@@ -176,7 +176,7 @@ def run_blocks(model, layers, state: DecodeState, s: int, start_B, stop_B, rows_
     skip_shapes = jax.eval_shape(branches[-1], *operands)
     branches.insert(0, lambda *_: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), skip_shapes))
     h_NxD, k_list, v_list, exits_B, exit_state_BxD = jax.lax.switch(index, branches, *operands)
-    kv = pending_kv(k_list, v_list, packed.row_N, packed.pos_N, packed.valid_N, cache_len(state))
+    kv = pending_kv(k_list, v_list, packed.row_N, packed.pos_N, packed.valid_N, state.cache_len)
     state = state._replace(
         pending=set_at(state.pending, s, kv),
         ring_BxRxD=write_ring(state.ring_BxRxD, h_NxD, packed.row_N, packed.pos_N, packed.valid_N),
@@ -251,7 +251,7 @@ def dense_iteration(model, layers, state: DecodeState, active_B, opts) -> Decode
             model, layers, s, state.k_layers, state.v_layers, h_Bx1xD, t_B[:, None],
             active_B[:, None], t_B, opts.attention)
         kv = pending_kv([k[:, 0] for k in k_list], [v[:, 0] for v in v_list], row_B, t_B,
-                        active_B, cache_len(state))
+                        active_B, state.cache_len)
         state = state._replace(pending=set_at(state.pending, s, kv))
         state = count_run(state, s, jnp.array(True), active_B, t_B + 1, model, exits=True)
         exit_h.append(h_Bx1xD[:, 0])
@@ -292,10 +292,6 @@ def flush_state(model, layers, state: DecodeState, opts) -> DecodeState:
 def by_layer(start: int, k_seg, v_seg) -> tuple[dict, dict]:
     """A segment's K and V buffers keyed by layer index."""
     return (dict(enumerate(k_seg, start)), dict(enumerate(v_seg, start)))
-
-
-def cache_len(state: DecodeState) -> int:
-    return state.k_layers[0].shape[1]
 
 
 def set_at(items: tuple, index: int, value) -> tuple:
