@@ -77,19 +77,15 @@ def first_segment(model, layers, state: DecodeState, rows_B, keys_BxKx2, opts):
         return h_Bx1xD[:, 0], kv, exits_B, exit_state_BxD
 
     if opts.waits:
-        shapes = jax.eval_shape(run, k_seg, v_seg)
-        skip = lambda *_: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
         ran = jnp.any(rows_B)
-        h_BxD, (k_list, v_list), exits_B, exit_state_BxD = jax.lax.cond(ran, run, skip, k_seg, v_seg)
+        h_BxD, (k_list, v_list), exits_B, exit_state_BxD = jax.lax.cond(
+            ran, run, skip_branch(run, k_seg, v_seg), k_seg, v_seg)
     else:
         ran = jnp.array(True)
         h_BxD, (k_list, v_list), exits_B, exit_state_BxD = run(k_seg, v_seg)
-    row_B = jnp.arange(B)
-    kv = pending_kv([k[:, 0] for k in k_list], [v[:, 0] for v in v_list], row_B, t_B, rows_B,
-                    state.cache_len)
     state = state._replace(
-        pending=set_at(state.pending, 0, kv),
-        ring_BxRxD=write_ring(state.ring_BxRxD, h_BxD, row_B, t_B, rows_B),
+        pending=set_at(state.pending, 0, one_token_per_row(k_list, v_list, t_B, rows_B, state)),
+        ring_BxRxD=write_ring(state.ring_BxRxD, h_BxD, jnp.arange(B), t_B, rows_B),
         fill_BxK=state.fill_BxK.at[:, 0].set(jnp.where(rows_B, t_B + 1, state.fill_BxK[:, 0])),
     )
     return count_run(state, 0, ran, rows_B, t_B + 1, model, exits=True), exits_B, exit_state_BxD
@@ -173,8 +169,7 @@ def run_blocks(model, layers, state: DecodeState, s: int, start_B, stop_B, rows_
     branches = [one_per_row if (B > 1 and width == 1) else functools.partial(packed_run, size, width)
                 for size, width in shapes]
     operands = (state.ring_BxRxD, state.k_layers[start:stop], state.v_layers[start:stop])
-    skip_shapes = jax.eval_shape(branches[-1], *operands)
-    branches.insert(0, lambda *_: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), skip_shapes))
+    branches.insert(0, skip_branch(branches[-1], *operands))
     h_NxD, k_list, v_list, exits_B, exit_state_BxD = jax.lax.switch(index, branches, *operands)
     kv = pending_kv(k_list, v_list, packed.row_N, packed.pos_N, packed.valid_N, state.cache_len)
     state = state._replace(
@@ -242,16 +237,15 @@ def deferred_iteration(model, layers, state: DecodeState, active_B, opts) -> Dec
 def dense_iteration(model, layers, state: DecodeState, active_B, opts) -> DecodeState:
     """Every layer for every active row's token, then the same draw as prefill."""
     cfg = model.config
-    K, B = cfg.n_exits, active_B.shape[0]
-    t_B, row_B = state.pos_B, jnp.arange(B)
+    K = cfg.n_exits
+    t_B = state.pos_B
     h_Bx1xD = model.embed(state.token_B[:, None])
     exit_h = []
     for s in range(K):
         h_Bx1xD, (k_list, v_list) = run_rows(
             model, layers, s, state.k_layers, state.v_layers, h_Bx1xD, t_B[:, None],
             active_B[:, None], t_B, opts.attention)
-        kv = pending_kv([k[:, 0] for k in k_list], [v[:, 0] for v in v_list], row_B, t_B,
-                        active_B, state.cache_len)
+        kv = one_token_per_row(k_list, v_list, t_B, active_B, state)
         state = state._replace(pending=set_at(state.pending, s, kv))
         state = count_run(state, s, jnp.array(True), active_B, t_B + 1, model, exits=True)
         exit_h.append(h_Bx1xD[:, 0])
@@ -287,6 +281,19 @@ def flush_state(model, layers, state: DecodeState, opts) -> DecodeState:
         stop_B = jnp.minimum(state.fill_BxK[:, s - 1], state.pos_B)
         state, _, _ = run_blocks(model, layers, state, s, start_B, stop_B, rows_B, opts)
     return drop_pending(write_pending(state, model))
+
+
+def skip_branch(branch, *operands):
+    """A branch that runs nothing and returns zeros shaped like `branch`'s results."""
+    shapes = jax.eval_shape(branch, *operands)
+    return lambda *_: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+
+def one_token_per_row(k_list, v_list, t_B, valid_B, state: DecodeState):
+    """The pending K/V of a run on one token per row ([B, 1] per layer) at positions t_B."""
+    B = t_B.shape[0]
+    return pending_kv([k[:, 0] for k in k_list], [v[:, 0] for v in v_list], jnp.arange(B), t_B,
+                      valid_B, state.cache_len)
 
 
 def by_layer(start: int, k_seg, v_seg) -> tuple[dict, dict]:
