@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
 
 from nvium_jax.config import ConfigError, dump_config, load_config
@@ -198,6 +199,57 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    if args.tasks:
+        return _eval_tasks(args)
+    for flag in ("include_path", "limit", "exit"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"--{flag.replace('_', '-')} goes with --tasks (lm-eval tasks)")
+    from nvium_jax.eval.evaluate import evaluate_run
+    from nvium_jax.runs import load_run
+
+    run = load_run(args.run, args.step)
+    record = evaluate_run(run, args.run, data_dir=args.data, batches=args.batches,
+                          batch_size=args.batch_size, plots=not args.no_plots,
+                          progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    print(f"step {record['step']} · {record['tokens']:,} tokens · mixture ppl "
+          f"{record['mixture_ppl']:.3f} · expected depth {record['expected_depth']:.2f} of "
+          f"{record['n_layers']} layers")
+    print(f"{'exit':>5} {'depth':>6} {'ppl':>10} {'mass':>7} {'agrees w/ final':>16}")
+    for e in record["exits"]:
+        print(f"{e['index']:>5} {e['depth']:>6} {e['ppl']:>10.3f} {e['mass']:>7.3f} "
+              f"{e['agreement_with_final']:>16.3f}")
+    if record.get("plots"):
+        print(f"plots: {pathlib.Path(record['plots'][0]).parent}/")
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    for flag in ("data", "batches"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"--{flag} is for held-out perplexity; lm-eval tasks bring their own data")
+    try:
+        from nvium_jax.eval.harness import run_tasks
+    except ImportError as err:
+        raise ConfigError(f"lm-eval tasks need lm-evaluation-harness ({err}); "
+                          f"install it with pip install 'nvium_jax[eval]'") from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = run_tasks(args.run, tasks, include_path=args.include_path, limit=limit,
+                        exit=args.exit, step=args.step, batch_size=args.batch_size or 8)
+    if args.json:
+        keep = ("results", "groups", "versions", "n-shot", "higher_is_better", "n-samples")
+        print(json.dumps({k: results[k] for k in keep if k in results}, default=str))
+    else:
+        from lm_eval.utils import make_table
+
+        print(make_table(results))
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from nvium_jax.data import prepare
 
@@ -306,6 +358,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None, help="dense only")
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(handler=_generate)
+
+    ev = commands.add_parser(
+        "eval", help="evaluate a checkpoint: perplexity per exit, routing, plots; lm-eval tasks",
+        description="Held-out perplexity of the mixture and of each exit, routing mass per exit "
+                    "(overall, by position, by token frequency), each exit's top-1 agreement "
+                    "with the final exit, and PNG plots in RUN_DIR/eval/step_<N>/. With --tasks, "
+                    "lm-evaluation-harness tasks instead.",
+    )
+    ev.add_argument("--run", required=True, metavar="RUN_DIR")
+    ev.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the latest)")
+    ev.add_argument("--data", metavar="DIR", default=None,
+                    help="a prepared data dir with the run's tokenizer (default: the run's own)")
+    ev.add_argument("--batches", type=int, default=None,
+                    help="held-out batches (default train.eval_batches: the trainer's own windows)")
+    ev.add_argument("--batch-size", type=int, default=None,
+                    help="windows per batch (default the training micro-batch); lm-eval: requests per batch")
+    ev.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ev.add_argument("--tasks", default=None, metavar="T1,T2",
+                    help="lm-eval task names, e.g. hellaswag,arc_easy,lambada_openai")
+    ev.add_argument("--include-path", default=None, metavar="DIR", help="a folder of your own lm-eval task YAMLs")
+    ev.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (testing)")
+    ev.add_argument("--exit", type=int, default=None,
+                    help="lm-eval: score with exit K alone (0-based) instead of the mixture")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(handler=_eval)
 
     prep = commands.add_parser(
         "prepare", help="tokenize text into a data dir (tensorstore token arrays)",

@@ -177,8 +177,12 @@ def write_run_files(run_dir: pathlib.Path, config: Config, tokenizer_path: pathl
     atomic_write_text(path, json.dumps(record, indent=2))
 
 
-def load_run(run_dir, step: Optional[int] = None) -> Run:
-    """The model of a run's latest (or given) checkpoint, its config and tokenizer."""
+def load_run(run_dir, step: Optional[int] = None, *, device=None) -> Run:
+    """The model of a run's latest (or given) checkpoint, its config and tokenizer.
+
+    The parameters are restored whole onto one device of this process (`device`, default
+    its first), whatever mesh trained the run: a run trained on a pod loads on a laptop.
+    """
     run_dir = pathlib.Path(run_dir)
     config = read_run_config(run_dir)
     if not has_checkpoints(run_dir):
@@ -191,8 +195,11 @@ def load_run(run_dir, step: Optional[int] = None) -> Run:
         raise ConfigError(f"{run_dir} has no checkpoint at step {step}; it has steps {sorted(steps)}")
     abstract = nnx.eval_shape(lambda: build_model(config.model))
     graphdef, abstract_state = nnx.split(abstract)
+    # without a sharding orbax restores the saved one, which needs the training topology
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
     target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_state)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        nnx.to_pure_dict(abstract_state),
     )
     restored = manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(target)))

@@ -1,6 +1,7 @@
 """Tests run on CPU with 8 simulated devices, float32; set before jax is imported."""
 
 import os
+import pathlib
 
 os.environ["XLA_FLAGS"] = " ".join(
     [
@@ -11,6 +12,8 @@ os.environ["XLA_FLAGS"] = " ".join(
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval tasks in tests read local files only
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -31,3 +34,42 @@ def small_cfg() -> ModelConfig:
 @pytest.fixture
 def tokens_BxT(small_cfg):
     return jax.random.randint(jax.random.key(7), (2, 9), 0, small_cfg.vocab_size)
+
+
+WORDS = ("the king said unto them that he would go into the land and the people of the city "
+         "came out to meet him with bread and wine").split()
+
+
+def write_word_corpus(path, documents: int = 400, seed: int = 0):
+    """Random sentences over a 26-word vocabulary: a corpus a tiny model learns in steps."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    path.write_text("\n\n".join(" ".join(rng.choice(WORDS, size=rng.integers(20, 60))) + "."
+                                 for _ in range(documents)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A 3-layer N-vium with exits after layers 1 and 2, trained 12 steps on 8 simulated
+    devices (fsdp=8), checkpoints at 6 and 12: (run_dir, data_dir)."""
+    from nvium_jax.config import load_config
+    from nvium_jax.data import prepare
+    from nvium_jax.train.loop import train
+
+    root = tmp_path_factory.mktemp("trained_run")
+    corpus = write_word_corpus(root / "corpus.txt")
+    data_dir = root / "prepared"
+    prepare([str(corpus)], data_dir, tokenizer="bpe:300", val_fraction=0.05)
+    run_dir = root / "run"
+    config = load_config(pathlib.Path(__file__).parent.parent / "configs/nvium-tiny.yaml", [
+        f"data.path={data_dir}", f"run.dir={run_dir}", "run.wandb=disabled",
+        "model.vocab_size=320", "model.context=32", "model.d_model=32", "model.n_layers=3",
+        "model.n_heads=2", "model.d_ff=64", "model.exits=[1,2]", "model.dtype=float32",
+        "train.batch_size=8", "train.steps=12", "train.warmup_steps=2", "train.log_every=1",
+        "train.eval_every=6", "train.eval_batches=2", "train.checkpoint_every=6",
+        "train.loss_chunk=16", "train.router_warmup_frac=0.25", "mesh.fsdp=8",
+    ])
+    train(config)
+    return run_dir, data_dir
