@@ -157,6 +157,7 @@ class NviumLM(LM):
             for at in range(0, len(members), self.batch):
                 rows = members[at:at + self.batch]
                 prompts = [self.context_ids(requests[i].args[0])[-keep:] for i in rows]
+                prompts += prompts[:1] * (self.batch - len(rows))  # one batch shape: one compile
                 out = generate(self.model, prompts, max_new, seed=self.seed, decode=decode,
                                window=self.loaded.config.decode.window, eos_id=self.loaded.eos_id,
                                temperature=temperature, attention=self.loaded.config.decode.attention)
