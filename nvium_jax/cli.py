@@ -250,6 +250,34 @@ def _eval_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from nvium_jax.interop.hf import hf_export, hf_import
+
+    if args.direction == "hf-import":
+        exits = None
+        if args.exits is not None:
+            try:
+                exits = tuple(int(x) for x in args.exits.split(",") if x.strip())
+            except ValueError:
+                raise ConfigError(f"--exits {args.exits!r}: give comma-separated layer depths, e.g. 4,8,12") from None
+        summary = hf_import(args.src, args.out, exits=exits, context=args.context,
+                            command=[pathlib.Path(sys.argv[0]).name, *sys.argv[1:]])
+        if not args.json:
+            print(f"{args.out}: {summary['params']:,} parameters, {summary['n_layers']} layers, new "
+                  f"exits after layers {summary['exits']} (inert until trained); fine-tune with "
+                  f"nvium train --config {args.out}/config.yaml data.path=DIR", file=sys.stderr)
+    else:
+        summary = hf_export(args.src, args.out, dtype=args.dtype, step=args.step)
+        if not args.json:
+            dropped = summary["dropped_exits"]
+            print(f"{args.out}: Llama folder of step {summary['step']} ({summary['dtype']}); "
+                  + (f"the early exits after layers {dropped} are dropped (the final exit is the model)"
+                     if dropped else "no early exits to drop"), file=sys.stderr)
+    if args.json:
+        _print_record(summary, as_json=True)
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from nvium_jax.data import prepare
 
@@ -383,6 +411,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="lm-eval: score with exit K alone (0-based) instead of the mixture")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(handler=_eval)
+
+    conv = commands.add_parser(
+        "convert", help="Hugging Face Llama interop: hf-import (upcycle into N-vium), hf-export",
+        description="hf-import SRC_DIR --out RUN_DIR: a Llama folder (config.json, safetensors) "
+                    "becomes an N-vium run whose new exits start inert. hf-export RUN_DIR --out "
+                    "DIR: a run's backbone and final exit as a Llama folder (early exits dropped).",
+    )
+    conv.add_argument("direction", choices=["hf-import", "hf-export"])
+    conv.add_argument("src", metavar="SRC_DIR|RUN_DIR")
+    conv.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
+    conv.add_argument("--exits", default=None, metavar="d1,d2,..",
+                      help="hf-import: layers after which exits sit (default L/4, L/2, 3L/4)")
+    conv.add_argument("--context", type=int, default=None,
+                      help="hf-import: model.context (default max_position_embeddings)")
+    conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="hf-export: tensor dtype")
+    conv.add_argument("--step", type=int, default=None, help="hf-export: a checkpoint step (default latest)")
+    conv.add_argument("--json", action="store_true")
+    conv.set_defaults(handler=_convert)
 
     prep = commands.add_parser(
         "prepare", help="tokenize text into a data dir (tensorstore token arrays)",

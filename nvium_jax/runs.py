@@ -100,6 +100,31 @@ def save_checkpoint(manager, state, data_state: dict, config: Config) -> None:
     )
 
 
+def save_initial_params(run_dir: pathlib.Path, params, config: Config, source: dict) -> None:
+    """Checkpoint 0 holding parameters only (an import, e.g. from Hugging Face): `nvium
+    train` starts from them with a fresh optimizer and data order; `load_run` reads them."""
+    manager = checkpoint_manager(run_dir, async_save=False)
+    manager.save(0, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        meta=ocp.args.JsonSave({"step": 0, "config": config_to_dict(config), "saved": _now(),
+                                "initial_params": source}),
+    ))
+    manager.wait_until_finished()
+    manager.close()
+
+
+def holds_train_state(run_dir: pathlib.Path, step: int) -> bool:
+    """Whether checkpoint `step` holds a whole train state (not only initial parameters)."""
+    return (run_dir / "checkpoints" / str(step) / "opt_state").is_dir()
+
+
+def restore_params(manager, step: int, target_params):
+    """The parameters of checkpoint `step` in the shardings of `target_params`."""
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target_params)))
+    return restored["params"]
+
+
 def restore_checkpoint(manager, step: int, target):
     """The train state at `step` into `target` — a TrainState of ShapeDtypeStructs whose
     shardings may differ from the saved run's mesh; returns (restored items, data state)."""
@@ -155,15 +180,15 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_run_files(run_dir: pathlib.Path, config: Config, tokenizer_path: pathlib.Path,
+def write_run_files(run_dir: pathlib.Path, config: Config, tokenizer_path: Optional[pathlib.Path],
                     command: list[str]) -> None:
-    """config.yaml (the resolved config), tokenizer.json, and provenance.json, which keeps
-    the first launch and appends every resume."""
+    """config.yaml (the resolved config), tokenizer.json (when there is one), and
+    provenance.json, which keeps the first launch and appends every resume."""
     if jax.process_index() != 0:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(config))
-    if tokenizer_path.resolve() != (run_dir / "tokenizer.json").resolve():
+    if tokenizer_path is not None and tokenizer_path.resolve() != (run_dir / "tokenizer.json").resolve():
         shutil.copyfile(tokenizer_path, run_dir / "tokenizer.json")
     record = provenance(command)
     path = run_dir / "provenance.json"

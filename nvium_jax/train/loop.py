@@ -16,8 +16,8 @@ import numpy as np
 from nvium_jax.config import Config, ConfigError
 from nvium_jax.data import TrainBatches, eval_windows, resolve_data_dir
 from nvium_jax.runs import (
-    checkpoint_manager, command_line, config_changes, has_checkpoints, read_run_config,
-    restore_checkpoint, save_checkpoint, write_run_files,
+    checkpoint_manager, command_line, config_changes, has_checkpoints, holds_train_state,
+    read_run_config, restore_checkpoint, restore_params, save_checkpoint, write_run_files,
 )
 from nvium_jax.train.mesh import batch_sharding, data_parallel_size, make_mesh
 from nvium_jax.train.metrics import MetricsSink, mfu
@@ -139,7 +139,12 @@ def train(config: Config, command: Optional[list[str]] = None) -> dict:
         workers=config.data.workers, prefetch=config.data.prefetch,
     )
     manager = checkpoint_manager(run_dir, train_cfg.keep)
-    if resuming:
+    if resuming and not holds_train_state(run_dir, manager.latest_step()):
+        step = manager.latest_step()  # parameters only (an import): a fresh optimizer and data order
+        state = trainer.init_fn()
+        state = state._replace(params=restore_params(manager, step, abstract_state(trainer).params))
+        print(f"starting {run_dir} from the parameters of its checkpoint {step}", file=sys.stderr)
+    elif resuming:
         step = manager.latest_step()
         restored, data_state = restore_checkpoint(manager, step, abstract_state(trainer))
         counters = restored["counters"]
