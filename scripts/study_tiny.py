@@ -98,7 +98,7 @@ def main(argv=None) -> int:
               "baseline": baseline, "nvium": rows}
     (out / "study.json").write_text(json.dumps(record, indent=2))
     print("| run | β | held-out ppl | ppl ÷ baseline | expected depth | exit mass (eval) | "
-          f"decode exits | speedup ÷ baseline | ÷ dense | ideal | efficiency |")
+          "decode exits | speedup ÷ baseline | ÷ dense | ideal | efficiency |")
     print("|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|")
     print(f"| baseline-tiny | – | {baseline['ppl']:.3f} | 1.000 | {baseline['expected_depth']:.2f} "
           f"| – | – | 1.000 | – | – | – |")
