@@ -125,3 +125,12 @@ def write_plots(record: dict, run_dir: pathlib.Path, out: pathlib.Path) -> list[
         fig.savefig(out / name, dpi=110)
         paths.append(out / name)
     return paths
+
+
+def to_png(fig: Figure, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes (for `IPython.display.Image` in a notebook)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
