@@ -11,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import nvium_jax
 from nvium_jax.cli import main
@@ -26,8 +27,9 @@ def naive_record(model, windows_NxBxT1, counts_V):
     """The eval numbers from `model(tokens)` (dense, full vocabulary), token by token."""
     K, depths = model.config.n_exits, np.asarray(model.config.exit_depths, np.float64)
     mix, exit_lp, route, agree, pos, tgt = [], [], [], [], [], []
+    forward = nnx.jit(lambda m, tokens: m(tokens))  # the plain dense pass, compiled once
     for window_BxT1 in windows_NxBxT1:
-        out = model(window_BxT1[:, :-1])
+        out = forward(model, window_BxT1[:, :-1])
         exit_logp = np.asarray(out.exit_logp_KxBxTxV, np.float64)
         mixture = np.asarray(mixture_logprobs(out.exit_logp_KxBxTxV, out.route_logp_BxTxK))
         targets = window_BxT1[:, 1:]

@@ -46,7 +46,8 @@ def dense_cache(model, tokens):
 
 
 @pytest.mark.parametrize(
-    "window, schedule", [(16, "advance"), (3, "lockstep"), (3, "wait+advance")],
+    "window, schedule", [(16, "advance"), pytest.param(3, "lockstep", marks=pytest.mark.slow),
+                         (3, "wait+advance")],
 )
 def test_deferred_equals_dense(model, prompts, window, schedule):
     all_exits = []

@@ -75,7 +75,8 @@ def one_device(tiny_config):
     return _loss_and_grads(tiny_config, None, TOKENS)[:2]
 
 
-@pytest.mark.parametrize("mesh_cfg", [MeshConfig(1, 8, 1), MeshConfig(2, 4, 1), MeshConfig(1, 2, 4)])
+@pytest.mark.parametrize("mesh_cfg", [MeshConfig(1, 8, 1), pytest.param(MeshConfig(2, 4, 1), marks=pytest.mark.slow),
+                                      pytest.param(MeshConfig(1, 2, 4), marks=pytest.mark.slow)])
 def test_sharded_loss_and_gradients_equal_one_device(tiny_config, one_device, mesh_cfg):
     loss_1, grads_1 = one_device
     loss_n, grads_n, sharded = _loss_and_grads(tiny_config, mesh_cfg, TOKENS)

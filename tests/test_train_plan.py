@@ -39,6 +39,7 @@ def test_plan_1p5b_on_eight_simulated_devices():
     assert "estimate" in record["per_device_bytes_source"]
 
 
+@pytest.mark.slow
 def test_bench_train_reports_both_models():
     record = run_cli("bench", "train", "--config", "configs/nvium-tiny.yaml", "--steps", "2",
                      "train.batch_size=2", "model.context=32", "mesh.fsdp=1", "--json")
