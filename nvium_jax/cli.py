@@ -8,7 +8,20 @@ import os
 import pathlib
 import sys
 
-from nvium_jax.config import ConfigError, dump_config, load_config
+from nvium_jax.config import ConfigError, InputError, dump_config, load_config
+
+
+def os_error_line(err: OSError) -> str:
+    """`[Errno 28] No space left on device: 'x'` as one line that names the file and the fix."""
+    import errno
+
+    name = errno.errorcode.get(err.errno, "")
+    where = f" writing {err.filename}" if err.filename else ""
+    hint = {"ENOSPC": "free some space", "EROFS": "use a writable run.dir",
+            "EACCES": "check the permissions", "EDQUOT": "free some quota"}.get(name, "")
+    return (f"{err.strerror or err} ({name}){where}" + (f"; {hint} and run the same command to resume"
+                                                          if hint else "")
+            + "; every checkpoint saved before is intact")
 
 
 def _set_simulated_devices(n: int) -> None:
@@ -458,9 +471,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, ValueError) as err:  # a user's mistake: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
+    except InputError as err:  # a user's mistake: one line, no traceback; a bug keeps its traceback
+        message = str(err)
+        while message.startswith("error: "):
+            message = message[len("error: "):]
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    except OSError as err:  # the machine's: a full or read-only disk, a file gone — one line
+        print(f"error: {os_error_line(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

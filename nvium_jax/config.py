@@ -17,7 +17,13 @@ from typing import Literal, Optional
 import yaml
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """A user's input is wrong — an argument, a file, a prompt — and the message names it and
+    the fix: the CLI prints it as one line. Any other exception is a bug of ours and keeps
+    its traceback."""
+
+
+class ConfigError(InputError):
     """A user's config mistake; the message names the key and the fix."""
 
 
@@ -90,6 +96,9 @@ class DataConfig:
     val_fraction: float = 0.005  # held-out share when the embedded corpus is prepared
     workers: int = 0  # grain worker processes (0 = load in the main process)
     prefetch: int = 2  # batches each worker prepares ahead
+    # the embedded corpus (≈ 1 M tokens) is for models up to the tiny ones; a larger model
+    # refuses it (it would repeat it thousands of times) unless this is set
+    allow_embedded: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +248,12 @@ def _apply_override(raw: dict, override: str) -> None:
     raw.setdefault(section, {})[name] = value
 
 
+def _key_name(section: str, key) -> str:
+    """`section.key`, quoted when the key holds characters that would break the line."""
+    name = f"{section}.{key}"
+    return name if name.isprintable() else repr(name)
+
+
 def _build_section(section: str, cls: type, values: dict):
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -246,7 +261,8 @@ def _build_section(section: str, cls: type, values: dict):
     for key, value in values.items():
         if key not in known:
             raise ConfigError(
-                f"unknown config key {section}.{key}; keys of {section} are: {', '.join(sorted(known))}"
+                f"unknown config key {_key_name(section, key)}; keys of {section} are: "
+                f"{', '.join(sorted(known))}"
             )
         kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
     return cls(**kwargs)

@@ -5,12 +5,15 @@ checkpoints (params, optimizer state, counters, data-iterator state); `load_run`
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
+import os
 import pathlib
 import platform
 import shutil
 import subprocess
 import sys
+import time
 from importlib import metadata
 from typing import Any, NamedTuple, Optional
 
@@ -49,7 +52,7 @@ def config_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
         if before[key] == after[key]:
             continue
         change = f"{key}: {before[key]!r} → {after[key]!r}"
-        if key.startswith("model."):
+        if key.startswith("model.") and key != "model.dtype":  # the compute dtype changes no shape
             errors.append(change)
         elif not (key in RESUMABLE_CHANGES or key.startswith("mesh.") or key.endswith("_every")):
             warnings.append(change)
@@ -110,6 +113,7 @@ def save_initial_params(run_dir: pathlib.Path, params, config: Config, source: d
                                 "initial_params": source}),
     ))
     manager.wait_until_finished()
+    seal_finished(run_dir, manager)
     manager.close()
 
 
@@ -139,6 +143,175 @@ def restore_checkpoint(manager, step: int, target):
         ),
     )
     return restored, restored["data"]
+
+
+# ---- checkpoint integrity: a checksum manifest per committed checkpoint --------------
+MANIFEST = "nvium-manifest.json"  # {"files": {relative path: {"bytes", "sha256"}}}
+
+
+def step_dirs(run_dir: pathlib.Path) -> dict[int, pathlib.Path]:
+    """The committed checkpoints, by step (orbax's temporary dirs are not digits)."""
+    ckpt = pathlib.Path(run_dir) / "checkpoints"
+    if not ckpt.is_dir():
+        return {}
+    return {int(p.name): p for p in ckpt.iterdir() if p.name.isdigit() and p.is_dir()}
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def seal(step_dir: pathlib.Path) -> None:
+    """Writes the manifest of a finished checkpoint: every file's size and SHA-256."""
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {"files": {str(p.relative_to(step_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                          for p in files}}
+    atomic_write_text(step_dir / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def seal_finished(run_dir: pathlib.Path, manager) -> None:
+    """Seals every committed checkpoint without a manifest, once orbax has finished writing."""
+    if jax.process_index() != 0 or manager.is_saving_in_progress():
+        return
+    for step_dir in step_dirs(run_dir).values():
+        if not (step_dir / MANIFEST).is_file():
+            seal(step_dir)
+
+
+def checkpoint_problem(step_dir: pathlib.Path) -> Optional[str]:
+    """None when the checkpoint matches its manifest; else what is wrong with it."""
+    try:
+        files = json.loads((step_dir / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return "it has no checksum manifest (the writer stopped before sealing it)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is unreadable"
+    for name, entry in files.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, not the {entry['bytes']} it was written with"
+        if _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its checksum (damaged bytes)"
+    return None
+
+
+def _legacy(steps: dict) -> bool:
+    """A run written before manifests existed: no checkpoint of it has one."""
+    return not any((d / MANIFEST).is_file() for d in steps.values())
+
+
+def verified_step(run_dir: pathlib.Path, step: Optional[int] = None) -> tuple[int, list[int]]:
+    """(the newest checkpoint that passes verification — or `step`, which must — and the
+    newer damaged ones). Each damaged checkpoint is named on stderr; none good is an error."""
+    steps = step_dirs(run_dir)
+    if not steps:
+        raise ConfigError(f"{run_dir} has no checkpoints yet; train it first (nvium train)")
+    if step is not None and step not in steps:
+        raise ConfigError(f"{run_dir} has no checkpoint at step {step}; it has steps {sorted(steps)}")
+    if _legacy(steps):
+        chosen = max(steps) if step is None else step
+        print(f"warning: {run_dir} predates checksum manifests; checkpoint {chosen} is loaded unverified",
+              file=sys.stderr)
+        return chosen, []
+    damaged = []
+    for candidate in sorted(steps, reverse=True) if step is None else [step]:
+        problem = checkpoint_problem(steps[candidate])
+        if problem is None:
+            return candidate, damaged
+        print(f"warning: checkpoint {candidate} of {run_dir} fails verification: {problem}; "
+              f"skipping it", file=sys.stderr)
+        damaged.append(candidate)
+    good = [s for s in sorted(steps) if s not in damaged and checkpoint_problem(steps[s]) is None]
+    raise ConfigError(
+        f"checkpoint {step} of {run_dir} fails verification; good checkpoints: {good}" if step is not None
+        else f"no checkpoint of {run_dir} passes verification ({len(damaged)} damaged); nothing was "
+             f"loaded or changed — restore the checkpoints from a copy or start a new run.dir")
+
+
+def set_aside(run_dir: pathlib.Path, steps: list[int]) -> None:
+    """Moves damaged checkpoints to RUN_DIR/damaged/ (kept, never deleted), so that training
+    can write those steps again."""
+    if jax.process_index() != 0 or not steps:
+        return
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    (run_dir / "damaged").mkdir(exist_ok=True)
+    for step in steps:
+        target = run_dir / "damaged" / f"checkpoint-{step}-{stamp}"
+        shutil.move(str(run_dir / "checkpoints" / str(step)), target)
+        print(f"moved damaged checkpoint {step} to {target}", file=sys.stderr)
+
+
+# ---- one training process per run dir -----------------------------------------------
+class RunDirLock:
+    """RUN_DIR/train.lock names the owning process (pid, host, start time). A second
+    trainer refuses in one line; a lock left by a dead process on this host is taken over."""
+
+    def __init__(self, run_dir: pathlib.Path):
+        self.path = pathlib.Path(run_dir) / "train.lock"
+        self.held = False
+
+    def __enter__(self):
+        if jax.process_index() != 0:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": platform.node(), "started": _now()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and not self._stale(owner):
+                    raise ConfigError(
+                        f"run dir {self.path.parent} is in use by pid {owner.get('pid')} on host "
+                        f"{owner.get('host')} (since {owner.get('started')}); wait for it or stop it, "
+                        f"or train into another run.dir") from None
+                what = "an unreadable lock" if owner is None else f"the lock of dead pid {owner.get('pid')}"
+                print(f"taking over {what} in {self.path.parent}", file=sys.stderr)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            return self
+        raise ConfigError(f"could not take {self.path}: another process keeps creating it")
+
+    def _owner(self) -> Optional[dict]:
+        for _ in range(20):  # the owner may be writing it this very moment
+            try:
+                return json.loads(self.path.read_text())
+            except FileNotFoundError:
+                return {}
+            except (OSError, ValueError):
+                time.sleep(0.05)
+        return None
+
+    @staticmethod
+    def _stale(owner: dict) -> bool:
+        if not owner:
+            return True  # removed meanwhile
+        if owner.get("host") != platform.node():
+            return False  # another host's process: we cannot tell, so it stands
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return False
+        return False
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+        return False
 
 
 def git_commit() -> Optional[str]:
@@ -210,14 +383,9 @@ def load_run(run_dir, step: Optional[int] = None, *, device=None) -> Run:
     """
     run_dir = pathlib.Path(run_dir)
     config = read_run_config(run_dir)
-    if not has_checkpoints(run_dir):
-        raise ConfigError(f"{run_dir} has no checkpoints yet; train it first (nvium train)")
+    step, _ = verified_step(run_dir, step)
     manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(),
                                     item_names=("params", "meta"))
-    steps = manager.all_steps()
-    step = manager.latest_step() if step is None else step
-    if step not in steps:
-        raise ConfigError(f"{run_dir} has no checkpoint at step {step}; it has steps {sorted(steps)}")
     abstract = nnx.eval_shape(lambda: build_model(config.model))
     graphdef, abstract_state = nnx.split(abstract)
     # without a sharding orbax restores the saved one, which needs the training topology

@@ -51,18 +51,57 @@ def write_word_corpus(path, documents: int = 400, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
+def word_data(tmp_path_factory):
+    """`write_word_corpus` prepared with a 300-token BPE, 5% held out: the small runs' data."""
+    from nvium_jax.data import prepare
+
+    root = tmp_path_factory.mktemp("word_corpus")
+    prepare([str(write_word_corpus(root / "corpus.txt"))], root / "prepared", tokenizer="bpe:300",
+            val_fraction=0.05)
+    return root / "prepared"
+
+
+def small_config(data_dir, run_dir, *overrides):
+    """2 layers, one early exit, 16-token windows: a step takes milliseconds."""
+    from nvium_jax.config import load_config
+
+    return load_config(pathlib.Path(__file__).parent.parent / "configs/nvium-tiny.yaml", [
+        f"data.path={data_dir}", f"run.dir={run_dir}", "run.wandb=disabled",
+        "model.vocab_size=320", "model.context=16", "model.d_model=32", "model.n_layers=2",
+        "model.n_heads=2", "model.d_ff=64", "model.exits=[1]", "model.dtype=float32",
+        "train.batch_size=8", "train.steps=8", "train.warmup_steps=2", "train.log_every=1",
+        "train.eval_every=4", "train.eval_batches=1", "train.checkpoint_every=4",
+        "train.loss_chunk=16", "train.router_warmup_frac=0.25", *overrides,
+    ])
+
+
+def write_yaml(config, path):
+    import yaml
+
+    from nvium_jax.config import config_to_dict
+
+    path.write_text(yaml.safe_dump(config_to_dict(config)))
+    return path
+
+
+def cli_env(n_devices=8):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={n_devices} "
+                        "--xla_cpu_collective_call_terminate_timeout_seconds=60")
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).parent.parent)
+    return env
+
+
+@pytest.fixture(scope="session")
+def trained_run(word_data, tmp_path_factory):
     """A 3-layer N-vium with exits after layers 1 and 2, trained 12 steps on 8 simulated
     devices (fsdp=8), checkpoints at 6 and 12: (run_dir, data_dir)."""
     from nvium_jax.config import load_config
-    from nvium_jax.data import prepare
     from nvium_jax.train.loop import train
 
-    root = tmp_path_factory.mktemp("trained_run")
-    corpus = write_word_corpus(root / "corpus.txt")
-    data_dir = root / "prepared"
-    prepare([str(corpus)], data_dir, tokenizer="bpe:300", val_fraction=0.05)
-    run_dir = root / "run"
+    data_dir = word_data
+    run_dir = tmp_path_factory.mktemp("trained_run") / "run"
     config = load_config(pathlib.Path(__file__).parent.parent / "configs/nvium-tiny.yaml", [
         f"data.path={data_dir}", f"run.dir={run_dir}", "run.wandb=disabled",
         "model.vocab_size=320", "model.context=32", "model.d_model=32", "model.n_layers=3",

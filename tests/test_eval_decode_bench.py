@@ -37,6 +37,7 @@ def test_forced_rates_set_every_gate_exactly():
         np.testing.assert_allclose(np.exp(model.gate_logp(k, z)[..., 0]), q, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_run_counters_match_a_count_from_the_exits():
     model = build_model(CFG, seed=0)
     force_exit_rates(model, REFERENCE_EXIT_RATES)

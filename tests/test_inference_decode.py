@@ -47,7 +47,7 @@ def dense_cache(model, tokens):
 
 @pytest.mark.parametrize(
     "window, schedule", [(16, "advance"), pytest.param(3, "lockstep", marks=pytest.mark.slow),
-                         (3, "wait+advance")],
+                         pytest.param(3, "wait+advance", marks=pytest.mark.slow)],
 )
 def test_deferred_equals_dense(model, prompts, window, schedule):
     all_exits = []

@@ -42,7 +42,8 @@ def naive_loss(model, windows, beta, warmup):
     return ce + (warm if warmup else depth_cost)
 
 
-@pytest.mark.parametrize(("chunk", "warmup"), [(1, False), (4, True), (64, False)])
+@pytest.mark.parametrize(("chunk", "warmup"), [pytest.param(1, False, marks=pytest.mark.slow), (4, True),
+                                              pytest.param(64, False, marks=pytest.mark.slow)])
 def test_chunked_loss_and_gradient_equal_naive(model, windows_BxT1, chunk, warmup):
     """chunk 4 does not divide the 10 targets (padding); 64 is one chunk."""
     def chunked(m):
@@ -57,6 +58,7 @@ def test_chunked_loss_and_gradient_equal_naive(model, windows_BxT1, chunk, warmu
         np.testing.assert_allclose(g.get_value(), e.get_value(), atol=2e-5 * scale, err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_gradient_under_jit_with_bfloat16_compute(small_cfg, windows_BxT1):
     model = build_model(dataclasses.replace(small_cfg, dtype="bfloat16"), seed=5)
 

@@ -3,7 +3,6 @@ mesh, SIGTERM, non-finite losses, two processes, and the errors raised before an
 
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -14,41 +13,20 @@ import time
 
 import numpy as np
 import pytest
-import yaml
 
 import nvium_jax
-from nvium_jax.config import ConfigError, config_to_dict, load_config
-from nvium_jax.data import eval_windows, prepare
+from nvium_jax.config import ConfigError
+from nvium_jax.data import eval_windows
 from nvium_jax.model.loss import nvium_loss
 from nvium_jax.train.loop import NonFiniteLoss, train
+from tests.conftest import cli_env, small_config, write_yaml
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
-WORDS = ("the king said unto them that he would go into the land and the people of the city "
-         "came out to meet him with bread and wine").split()
-
-
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    text = "\n\n".join(" ".join(rng.choice(WORDS, size=rng.integers(20, 60))) + "."
-                       for _ in range(400))
-    (root / "corpus.txt").write_text(text)
-    prepare([str(root / "corpus.txt")], root / "prepared", tokenizer="bpe:300", val_fraction=0.05)
-    return root / "prepared"
-
-
-def small_config(data_dir, run_dir, *overrides):
-    return load_config(ROOT / "configs/nvium-tiny.yaml", [
-        f"data.path={data_dir}", f"run.dir={run_dir}", "run.wandb=disabled",
-        "model.vocab_size=320", "model.context=16", "model.d_model=32", "model.n_layers=2",
-        "model.n_heads=2", "model.d_ff=64", "model.exits=[1]", "model.dtype=float32",
-        "train.batch_size=8", "train.steps=8", "train.warmup_steps=2", "train.log_every=1",
-        "train.eval_every=4", "train.eval_batches=1", "train.checkpoint_every=4",
-        "train.loss_chunk=16", "train.router_warmup_frac=0.25", *overrides,
-    ])
+def data_dir(word_data):
+    return word_data
 
 
 def train_losses(run_dir) -> dict[int, float]:
@@ -143,36 +121,21 @@ def test_errors_come_before_any_step_and_touch_nothing(uninterrupted, data_dir, 
     assert not fresh.exists()
 
 
-def test_non_finite_loss_stops_or_skips(data_dir, tmp_path):
+def test_a_diverging_run_stops_before_its_first_checkpoint(data_dir, tmp_path):
+    """A real blow-up (lr 1e12), not an injected NaN: `skip` and injected faults are in
+    tests/faults/test_numerics.py."""
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step \d+.*no checkpoint was saved yet"):
         train(small_config(data_dir, tmp_path / "stop", "train.lr=1e12", "train.warmup_steps=0",
                            "train.grad_clip=1e30"))
-    summary = train(small_config(data_dir, tmp_path / "skip", "train.lr=1e12", "train.warmup_steps=0",
-                                 "train.grad_clip=1e30", "train.on_nonfinite=skip"))
-    assert summary["step"] == 8
-
-
-def _write_yaml(config, path):
-    path.write_text(yaml.safe_dump(config_to_dict(config)))
-    return path
-
-
-def _cli_env(n_devices):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={n_devices} "
-                        "--xla_cpu_collective_call_terminate_timeout_seconds=60")
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT)
-    return env
 
 
 def test_sigterm_saves_a_resumable_checkpoint(data_dir, tmp_path):
     run_dir = tmp_path / "preempted"
     config = small_config(data_dir, run_dir, "train.steps=400", "train.checkpoint_every=1000",
                           "train.eval_every=1000")
-    path = _write_yaml(config, tmp_path / "config.yaml")
+    path = write_yaml(config, tmp_path / "config.yaml")
     proc = subprocess.Popen([sys.executable, "-m", "nvium_jax.cli", "train", "--config", str(path)],
-                            env=_cli_env(8), stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            env=cli_env(8), stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     for line in proc.stderr:
         if line.startswith("step 3/"):
             proc.send_signal(signal.SIGTERM)
@@ -196,11 +159,11 @@ def _free_port() -> int:
 def test_two_processes_equal_one(uninterrupted, data_dir, tmp_path):
     full_dir, _ = uninterrupted
     run_dir = tmp_path / "two"
-    path = _write_yaml(small_config(data_dir, run_dir), tmp_path / "config.yaml")
+    path = write_yaml(small_config(data_dir, run_dir), tmp_path / "config.yaml")
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = _cli_env(4)
+        env = cli_env(4)
         env.update(NVIUM_COORDINATOR=f"localhost:{port}", NVIUM_NUM_PROCESSES="2",
                    NVIUM_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen(

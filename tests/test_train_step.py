@@ -38,6 +38,7 @@ def test_gradient_accumulation_equals_the_full_batch(full_batch_step):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_adaptive_beta_moves_toward_the_target_ce(full_batch_step):
     config, state, metrics = one_step("train.beta_target=3.0")
     ce = float(metrics["mixture_ce"])

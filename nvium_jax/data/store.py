@@ -54,7 +54,7 @@ def write_tokens(path: str | os.PathLike, tokens_N: np.ndarray) -> None:
                 "name": "sharding_indexed",
                 "configuration": {
                     "chunk_shape": [_CHUNK_TOKENS],
-                    "codecs": [raw],
+                    "codecs": [raw, {"name": "crc32c"}],  # damaged bytes fail the read
                     "index_codecs": [raw, {"name": "crc32c"}],
                 },
             }],
@@ -83,13 +83,24 @@ def open_tokens(data_dir: str | os.PathLike, split: str, meta: dict) -> ts.Tenso
             f"data dir {str(data_dir)!r}: its {split} array holds {store.shape} {store.dtype.name} but "
             f"meta.json says ({expected},) {meta['dtype']}; run `nvium prepare` again to rebuild it"
         )
+    missing = [i for i in range(-(-expected // _SHARD_TOKENS)) if not (path / "c" / str(i)).is_file()]
+    if missing:  # zarr would read a missing shard as zeros
+        raise DataError(
+            f"data dir {str(data_dir)!r}: its {split} array lacks shard file(s) "
+            f"{', '.join(f'c/{i}' for i in missing[:5])} of {-(-expected // _SHARD_TOKENS)}; run `nvium "
+            f"prepare` again to rebuild it"
+        )
     return store
 
 
 def read_windows(store: ts.TensorStore, starts_B: np.ndarray, length: int) -> np.ndarray:
     """Tokens [start, start + length) for every start, as int32 [B, length]."""
     index_BxW = np.asarray(starts_B, np.int64)[:, None] + np.arange(length, dtype=np.int64)
-    return store.vindex[index_BxW].read().result().astype(np.int32)
+    try:
+        return store.vindex[index_BxW].read().result().astype(np.int32)
+    except ValueError as err:  # a checksum or decode failure of a damaged file
+        raise DataError(f"token array {store.kvstore.path!r} cannot be read ({err}); run `nvium "
+                        f"prepare` again to rebuild it") from None
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvium_jax.config import ModelConfig
+from nvium_jax.config import InputError, ModelConfig
 from nvium_jax.inference import generate
 from nvium_jax.model import build_model
 from nvium_jax.model.count import (
@@ -51,7 +51,7 @@ def gate_probabilities(exit_rates: Sequence[float]) -> list[float]:
     q_1 = r_1, q_k = r_k / (1 − Σ_{j<k} r_j)."""
     rates = [float(r) for r in exit_rates]
     if any(r < 0 for r in rates) or abs(sum(rates) - 1.0) > 1e-6:
-        raise ValueError(f"--exit-rates {rates}: give K non-negative fractions that sum to 1")
+        raise InputError(f"--exit-rates {rates}: give K non-negative fractions that sum to 1")
     gates, left = [], 1.0
     for rate in rates[:-1]:
         gates.append(min(1.0, rate / left) if left > 0 else 1.0)
@@ -64,7 +64,7 @@ def force_exit_rates(model, exit_rates: Sequence[float]) -> None:
     logit(q_k), so every token leaves at exit k with probability exit_rates[k]."""
     K = model.config.n_exits
     if len(exit_rates) != K:
-        raise ValueError(
+        raise InputError(
             f"--exit-rates has {len(exit_rates)} numbers but the model has {K} exits "
             f"(after layers {list(model.config.exit_depths)}): give one fraction per exit"
         )
@@ -133,10 +133,10 @@ def bench_decode(
     if exit_rates is not None:
         force_exit_rates(model, exit_rates)
     if prompt_tokens < 1 or prompt_tokens + 1 >= cfg.context:
-        raise ValueError(f"--prompt-tokens {prompt_tokens}: give at least 1 and leave room for new "
+        raise InputError(f"--prompt-tokens {prompt_tokens}: give at least 1 and leave room for new "
                          f"tokens in model.context={cfg.context}")
     if max_new_tokens < 2:
-        raise ValueError(f"--max-new-tokens {max_new_tokens}: give at least 2 (the first new token "
+        raise InputError(f"--max-new-tokens {max_new_tokens}: give at least 2 (the first new token "
                          f"comes from the prefill, the loop decodes the rest)")
     baseline = build_model(matched_baseline_model(cfg), seed=seed)
     prompts = bench_prompts(cfg.vocab_size, batch, prompt_tokens, seed)

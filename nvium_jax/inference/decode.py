@@ -30,6 +30,7 @@ from nvium_jax.inference.state import (
     DecodeState,
     prefill,
 )
+from nvium_jax.config import InputError
 from nvium_jax.model.transformer import check_token_ids
 
 __all__ = ["MIXTURE_SAMPLED", "NOT_SAMPLED", "SCHEDULES", "DecodeState", "GenerateOutput",
@@ -86,18 +87,18 @@ def prompt_batch(prompts, vocab_size: int, context: int) -> tuple[np.ndarray, np
     if isinstance(prompts, (np.ndarray, jax.Array)):
         array = np.asarray(prompts)
         if array.ndim != 2:
-            raise ValueError(f"prompts must be a list of token-id lists or a B×T array, got shape {array.shape}")
+            raise InputError(f"prompts must be a list of token-id lists or a B×T array, got shape {array.shape}")
         rows = list(array)
     else:
         rows = [np.asarray(row) for row in prompts]
     if not rows:
-        raise ValueError("prompts is empty: give at least one prompt")
+        raise InputError("prompts is empty: give at least one prompt")
     for b, row in enumerate(rows):
         if row.ndim != 1 or row.size == 0:
-            raise ValueError(f"prompt {b} is empty: every prompt needs at least one token (e.g. BOS)")
+            raise InputError(f"prompt {b} is empty: every prompt needs at least one token (e.g. BOS)")
         check_token_ids(row, vocab_size, what=f"prompt {b}")
         if row.size >= context:
-            raise ValueError(
+            raise InputError(
                 f"prompt {b} has {row.size} tokens, but model.context is {context}: a prompt must be "
                 f"shorter than the context (leave room for new tokens)"
             )
@@ -120,22 +121,22 @@ def non_exact_options(temperature, top_k, top_p) -> list[str]:
 
 def check_sampling(decode: str, temperature, top_k, top_p, window, max_new_tokens, schedule) -> None:
     if decode not in ("deferred", "dense"):
-        raise ValueError(f'decode={decode!r}: use "deferred" or "dense"')
+        raise InputError(f'decode={decode!r}: use "deferred" or "dense"')
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}: give a positive integer")
+        raise InputError(f"max_new_tokens={max_new_tokens!r}: give a positive integer")
     if not isinstance(window, (int, np.integer)) or window < 1:
-        raise ValueError(f"window={window!r}: give a positive integer (1 = no deferral)")
+        raise InputError(f"window={window!r}: give a positive integer (1 = no deferral)")
     if temperature < 0:
-        raise ValueError(f"temperature={temperature}: give a value ≥ 0 (0 = greedy)")
+        raise InputError(f"temperature={temperature}: give a value ≥ 0 (0 = greedy)")
     if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r}: give a positive integer or None")
+        raise InputError(f"top_k={top_k!r}: give a positive integer or None")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p!r}: give a value in (0, 1] or None")
+        raise InputError(f"top_p={top_p!r}: give a value in (0, 1] or None")
     if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r}: use one of {', '.join(SCHEDULES)}")
+        raise InputError(f"schedule={schedule!r}: use one of {', '.join(SCHEDULES)}")
     non_exact = non_exact_options(temperature, top_k, top_p)
     if non_exact and decode == "deferred":
-        raise ValueError(
+        raise InputError(
             f"{', '.join(non_exact)} needs decode=\"dense\": greedy, temperature, top-k and top-p act "
             f"on the full mixture and need every exit's head at every token, which deferred decoding "
             f"does not compute (it samples the mixture exactly at temperature 1 only)"

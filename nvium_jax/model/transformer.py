@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nvium_jax.config import ModelConfig
+from nvium_jax.config import InputError, ModelConfig
 from nvium_jax.model.layers import Block, RMSNorm, constant_param, param
 
 REMAT_POLICIES = {
@@ -252,11 +252,11 @@ def check_token_ids(tokens, vocab_size: int, what: str = "tokens") -> None:
     if ids.size == 0:
         return
     if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{what} must be integer token ids, got dtype {ids.dtype}")
+        raise InputError(f"{what} must be integer token ids, got dtype {ids.dtype}")
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
-        raise ValueError(
+        raise InputError(
             f"{what} contain token id {bad}, outside the vocabulary [0, {vocab_size}) "
             f"(model.vocab_size={vocab_size}); check the tokenizer matches the model"
         )

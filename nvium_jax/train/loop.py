@@ -13,14 +13,16 @@ from typing import Optional
 import jax
 import numpy as np
 
-from nvium_jax.config import Config, ConfigError
+from nvium_jax.config import Config, ConfigError, TrainConfig
 from nvium_jax.data import TrainBatches, eval_windows, resolve_data_dir
 from nvium_jax.runs import (
-    checkpoint_manager, command_line, config_changes, has_checkpoints, holds_train_state,
-    read_run_config, restore_checkpoint, restore_params, save_checkpoint, write_run_files,
+    RunDirLock, checkpoint_manager, command_line, config_changes, has_checkpoints,
+    holds_train_state, read_run_config, restore_checkpoint, restore_params, save_checkpoint,
+    seal_finished, set_aside, step_dirs, verified_step, write_run_files,
 )
 from nvium_jax.train.mesh import batch_sharding, data_parallel_size, make_mesh
 from nvium_jax.train.metrics import MetricsSink, mfu
+from nvium_jax.train.optimizer import lr_schedule
 from nvium_jax.train.step import (
     TrainState, abstract_state, make_trainer, micro_batches, step_batch_shape,
 )
@@ -37,7 +39,8 @@ def check_resume(config: Config, run_dir: pathlib.Path) -> bool:
     listing the differences, before anything in the dir is touched."""
     if not has_checkpoints(run_dir):
         return False
-    errors, warnings = config_changes(read_run_config(run_dir), config)
+    saved = read_run_config(run_dir)
+    errors, warnings = config_changes(saved, config)
     if errors:
         raise ConfigError(
             f"run dir {run_dir} holds checkpoints of another model; these keys differ: "
@@ -45,7 +48,50 @@ def check_resume(config: Config, run_dir: pathlib.Path) -> bool:
         )
     for change in warnings:
         print(f"warning: resuming {run_dir} with a changed {change}", file=sys.stderr)
+    note = schedule_change(saved.train, config.train, max(step_dirs(run_dir)))
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     return True
+
+
+def schedule_change(old: TrainConfig, new: TrainConfig, step: int) -> Optional[str]:
+    """What a resume at `step` with another schedule does: the learning rate there under
+    both, and where the router warm-up ends (both are functions of `train.steps`)."""
+    keys = ("steps", "lr", "schedule", "warmup_steps", "min_lr_ratio", "decay_frac", "router_warmup_frac")
+    changed = [k for k in keys if getattr(old, k) != getattr(new, k)]
+    if not changed:
+        return None
+    lr_old, lr_new = float(lr_schedule(old)(step)), float(lr_schedule(new)(step))
+    warm_old = int(old.router_warmup_frac * old.steps)
+    warm_new = int(new.router_warmup_frac * new.steps)
+    note = (f"{', '.join(f'train.{k} {getattr(old, k)} → {getattr(new, k)}' for k in changed)} at step "
+            f"{step}: the learning rate there goes {lr_old:.3g} → {lr_new:.3g} (the schedule now spans "
+            f"{new.steps} steps), the router warm-up ends at step {warm_new} (was {warm_old})")
+    if warm_old <= step < warm_new:
+        note += " — this run goes back into router warm-up"
+    return note
+
+
+EMBEDDED_TOKENS = 1.0e6  # the embedded corpus, about (KJV; the count depends on the tokenizer)
+EMBEDDED_MAX_PARAMS = 20_000_000  # the tiny configs are ≈ 2 M parameters
+
+
+def check_data(config: Config) -> None:
+    """A model larger than the tiny ones refuses the embedded corpus unless asked."""
+    from nvium_jax.model.count import param_count
+
+    if config.data.path is not None or config.data.allow_embedded:
+        return
+    params = param_count(config.model)
+    if params <= EMBEDDED_MAX_PARAMS:
+        return
+    t = config.train
+    tokens = t.steps * t.batch_size * config.model.context
+    raise ConfigError(
+        f"data.path is null, so this {params / 1e6:,.0f}M-parameter model would train on the "
+        f"embedded corpus (≈ {EMBEDDED_TOKENS / 1e6:.0f} M tokens): {tokens / 1e9:,.2f} B tokens "
+        f"= ≈ {tokens / EMBEDDED_TOKENS:,.0f} epochs of it; prepare a corpus with `nvium prepare "
+        f"--input FILES --out DIR` and set data.path=DIR (or data.allow_embedded=true)")
 
 
 def check_batch(config: Config, n_data_parallel: int) -> None:
@@ -101,14 +147,14 @@ class _StopRequest:
         return flag
 
 
-def evaluate(trainer, params, windows_NxBxT1: np.ndarray, sharding) -> dict:
-    """Mean held-out metrics over fixed validation batches."""
+def evaluate(trainer, params, beta, windows_NxBxT1: np.ndarray, sharding) -> dict:
+    """Mean held-out metrics over fixed validation batches, the depth cost at `beta`."""
     results = []
     n_proc, proc = jax.process_count(), jax.process_index()
     for batch in windows_NxBxT1:
         rows = batch.shape[0] // n_proc
         local = batch[proc * rows:(proc + 1) * rows]
-        results.append(jax.device_get(trainer.eval_fn(params, to_global(local, sharding, batch.shape))))
+        results.append(jax.device_get(trainer.eval_fn(params, beta, to_global(local, sharding, batch.shape))))
     mean = {k: np.mean([r._asdict()[k] for r in results], axis=0) for k in results[0]._fields}
     return {f"val_{_metric_name(k)}": _plain(v) for k, v in mean.items()}
 
@@ -126,48 +172,58 @@ def _plain(value):
 def train(config: Config, command: Optional[list[str]] = None) -> dict:
     """Runs (or resumes) training to `train.steps`; returns the last logged records."""
     run_dir = pathlib.Path(config.run.dir)
+    check_data(config)
     resuming = check_resume(config, run_dir)
     mesh = make_mesh(config.mesh)
     check_batch(config, data_parallel_size(mesh))
     data_dir = resolve_data_dir(config)
-    train_cfg, context = config.train, config.model.context
-
     trainer = make_trainer(config, mesh)
+    with RunDirLock(run_dir):  # before anything in the run dir is written
+        return _train_locked(config, command, run_dir, resuming, mesh, data_dir, trainer)
+
+
+def _train_locked(config, command, run_dir, resuming, mesh, data_dir, trainer) -> dict:
+    train_cfg, context = config.train, config.model.context
+    step = None
+    if resuming:  # the newest checkpoint that passes its checksums; newer damaged ones set aside
+        step, damaged = verified_step(run_dir)
+        set_aside(run_dir, damaged)
     batches = TrainBatches(
         data_dir, context=context, global_batch=train_cfg.batch_size, seed=train_cfg.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
         workers=config.data.workers, prefetch=config.data.prefetch,
     )
     manager = checkpoint_manager(run_dir, train_cfg.keep)
-    if resuming and not holds_train_state(run_dir, manager.latest_step()):
-        step = manager.latest_step()  # parameters only (an import): a fresh optimizer and data order
-        state = trainer.init_fn()
-        state = state._replace(params=restore_params(manager, step, abstract_state(trainer).params))
-        print(f"starting {run_dir} from the parameters of its checkpoint {step}", file=sys.stderr)
-    elif resuming:
-        step = manager.latest_step()
-        restored, data_state = restore_checkpoint(manager, step, abstract_state(trainer))
-        counters = restored["counters"]
-        state = TrainState(counters["step"], restored["params"], restored["opt_state"],
-                           counters["beta"], counters["skipped"])
-        batches.set_state(data_state)
-        print(f"resuming {run_dir} from step {step}", file=sys.stderr)
-    else:
-        state = trainer.init_fn()
-    write_run_files(run_dir, config, data_dir / "tokenizer.json", command or command_line())
-    micro = train_cfg.batch_size // train_cfg.grad_accum
-    val = eval_windows(data_dir, context=context, batch=micro, n_batches=train_cfg.eval_batches)
-    val_sharding = batch_sharding(mesh)
-    sink = MetricsSink(run_dir, config, int(jax.device_get(state.step)))
     try:
-        with _StopRequest() as stop:
-            summary = _loop(config, trainer, state, batches, manager, sink, stop, val, val_sharding, run_dir)
+        if resuming and not holds_train_state(run_dir, step):
+            # parameters only (an import): a fresh optimizer and data order
+            state = trainer.init_fn()
+            state = state._replace(params=restore_params(manager, step, abstract_state(trainer).params))
+            print(f"starting {run_dir} from the parameters of its checkpoint {step}", file=sys.stderr)
+        elif resuming:
+            restored, data_state = restore_checkpoint(manager, step, abstract_state(trainer))
+            counters = restored["counters"]
+            state = TrainState(counters["step"], restored["params"], restored["opt_state"],
+                               counters["beta"], counters["skipped"])
+            batches.set_state(data_state)
+            print(f"resuming {run_dir} from step {step}", file=sys.stderr)
+        else:
+            state = trainer.init_fn()
+        write_run_files(run_dir, config, data_dir / "tokenizer.json", command or command_line())
+        micro = train_cfg.batch_size // train_cfg.grad_accum
+        val = eval_windows(data_dir, context=context, batch=micro, n_batches=train_cfg.eval_batches)
+        sink = MetricsSink(run_dir, config, int(jax.device_get(state.step)))
+        try:
+            with _StopRequest() as stop:
+                return _loop(config, trainer, state, batches, manager, sink, stop, val,
+                             batch_sharding(mesh), run_dir)
+        finally:
+            sink.close()
     finally:
         manager.wait_until_finished()
+        seal_finished(run_dir, manager)
         manager.close()
         batches.close()
-        sink.close()
-    return summary
 
 
 def _loop(config, trainer, state, batches, manager, sink, stop, val, val_sharding, run_dir) -> dict:
@@ -179,6 +235,7 @@ def _loop(config, trainer, state, batches, manager, sink, stop, val, val_shardin
     if step == 0:  # a resumed run logged its evaluations already
         summary["eval"] = _log_eval(sink, trainer, state, val, val_sharding, step)
     pending, last_sync, last_good = [], time.time(), (step or None)
+    spike_watch = SpikeWatch()
     profile_at = step + 5 if train_cfg.profile_steps else None
     while step < train_cfg.steps:
         if profile_at is not None and step == profile_at:
@@ -199,14 +256,20 @@ def _loop(config, trainer, state, batches, manager, sink, stop, val, val_shardin
         now = time.time()
         _check_finite(records, step - len(records) + 1, train_cfg.on_nonfinite, last_good)
         record = _train_record(records[-1], step, len(records) * tokens_per_step / (now - last_sync), config)
+        spikes = [step - len(records) + 1 + i for i, r in enumerate(records) if spike_watch(float(r["loss"]))]
+        if spikes:
+            record["loss_spike_steps"] = spikes
+            sink.note(f"[yellow]loss spike at step {', '.join(map(str, spikes))}[/yellow] "
+                      f"(over {spike_watch.factor}× the running mean {spike_watch.mean:.4f})")
         pending, last_sync = [], now
-        if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+        if step % train_cfg.log_every == 0 or step == train_cfg.steps or spikes:
             sink.log(record)
             sink.progress(record)
             summary["train"] = record
         if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
             summary["eval"] = _log_eval(sink, trainer, state, val, val_sharding, step)
             last_sync = time.time()  # evaluation time is not training throughput
+        seal_finished(run_dir, manager)  # the last async save, once orbax has committed it
         if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps or stopping:
             save_checkpoint(manager, state, batches.get_state(), config)
             last_good = step
@@ -219,6 +282,24 @@ def _loop(config, trainer, state, batches, manager, sink, stop, val, val_shardin
     return summary
 
 
+class SpikeWatch:
+    """Flags a loss more than `factor` × the running mean of the losses before it (an
+    exponential mean over synced steps, after `warmup` of them)."""
+
+    def __init__(self, factor: float = 1.5, warmup: int = 20, decay: float = 0.9):
+        self.factor, self.warmup, self.decay = factor, warmup, decay
+        self.mean, self.seen = None, 0
+
+    def __call__(self, loss: float) -> bool:
+        if not np.isfinite(loss):
+            return False
+        spike = self.seen >= self.warmup and loss > self.factor * self.mean
+        if not spike:  # a spike does not pull the reference up
+            self.mean = loss if self.mean is None else self.decay * self.mean + (1 - self.decay) * loss
+            self.seen += 1
+        return spike
+
+
 def _check_finite(records, first_step: int, policy: str, last_good: Optional[int]) -> None:
     for offset, record in enumerate(records):
         if not bool(record["finite"]) and policy == "stop":
@@ -226,7 +307,7 @@ def _check_finite(records, first_step: int, policy: str, last_good: Optional[int
                     else f"the last good checkpoint is step {last_good}")
             raise NonFiniteLoss(
                 f"non-finite loss at step {first_step + offset}; stopped without saving it — "
-                f"{kept} (set train.on_nonfinite=skip to skip such steps, or lower train.lr)"
+                f"{kept}; set train.on_nonfinite=skip to skip such steps"
             )
 
 
@@ -242,7 +323,7 @@ def _train_record(metrics: dict, step: int, tokens_per_s: float, config: Config)
 
 
 def _log_eval(sink, trainer, state, val, sharding, step: int) -> dict:
-    record = {"step": step, **evaluate(trainer, state.params, val, sharding)}
+    record = {"step": step, **evaluate(trainer, state.params, state.beta, val, sharding)}
     sink.log(record)
     sink.note(f"[cyan]eval step {step}[/cyan] · val loss {record['val_loss']:.4f} · "
               f"val ce {record['val_mixture_ce']:.4f} · exit ce "

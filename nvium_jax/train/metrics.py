@@ -13,6 +13,7 @@ import rich.console
 
 from nvium_jax.config import Config, ModelConfig, config_to_dict
 from nvium_jax.model.count import adapter_param_count, block_matmul_param_count, router_param_count
+from nvium_jax.paths import atomic_write_text
 
 # dense bf16 peak FLOP/s per device, by jax device_kind prefix
 PEAK_FLOPS = {
@@ -69,6 +70,8 @@ class MetricsSink:
         self.started = time.time()
         self.start_step = resume_step
         self.console = rich.console.Console(stderr=True)
+        if self.is_main:
+            trim_metrics(self.path, resume_step)
         if self.is_main and config.run.wandb != "disabled":
             self.wandb = _start_wandb(run_dir, config)
 
@@ -107,6 +110,26 @@ class MetricsSink:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def trim_metrics(path: pathlib.Path, resume_step: int) -> None:
+    """Before (re)starting at `resume_step`: metrics.jsonl keeps the valid rows up to that
+    step — a row torn by a kill is dropped, and rows of steps that will be run again move
+    to metrics.redone.jsonl (kept, not lost) — so a reader finds one row per step."""
+    if not path.is_file():
+        return
+    kept, redone = [], []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            step = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # torn or foreign
+        (kept if 0 < resume_step and step <= resume_step else redone).append(line)
+    if redone:
+        with path.with_name("metrics.redone.jsonl").open("a") as f:
+            f.write("".join(line + "\n" for line in redone))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _clock(seconds: float) -> str:

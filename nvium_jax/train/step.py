@@ -41,7 +41,7 @@ class Trainer(NamedTuple):
     state_shardings: TrainState
     batch_sharding: NamedSharding
     step_fn: callable  # (state, batch_AxBxT1) -> (state, metrics)
-    eval_fn: callable  # (params, batch_BxT1) -> LossMetrics
+    eval_fn: callable  # (params, beta, batch_BxT1) -> LossMetrics
     init_fn: callable  # () -> state, initialised directly in its shardings
 
 
@@ -100,7 +100,7 @@ def make_trainer(config: Config, mesh: Mesh) -> Trainer:
             donate_argnums=0,
         ),
         eval_fn=jax.jit(
-            eval_step, in_shardings=(p_shardings, batch_sharding(mesh)), out_shardings=scalar
+            eval_step, in_shardings=(p_shardings, scalar, batch_sharding(mesh)), out_shardings=scalar
         ),
         init_fn=jax.jit(init, out_shardings=shardings),
     )
@@ -161,7 +161,8 @@ def _train_step(state: TrainState, batch_AxBxT1, *, graphdef, optimizer, config:
     metrics: LossMetrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), micro_metrics)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(metrics.loss)
+    grad_sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
+    finite = jnp.isfinite(metrics.loss) & jnp.isfinite(grad_sq)  # a NaN may hide in the gradients only
     if train.on_nonfinite == "skip":  # a non-finite step changes nothing but the counter
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
@@ -174,16 +175,18 @@ def _train_step(state: TrainState, batch_AxBxT1, *, graphdef, optimizer, config:
     )
     out = dict(metrics._asdict())
     out.update(
-        grad_norm=jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
+        grad_norm=jnp.sqrt(grad_sq),
         lr=lr_schedule(train)(state.step),
         beta=state.beta,
         finite=finite,
         router_warmup=in_warmup,
+        skipped=new_state.skipped,
     )
     return new_state, out
 
 
-def _eval_step(params, tokens_BxT1, *, graphdef, config: Config) -> LossMetrics:
-    """Held-out metrics with the depth cost at the configured β (no warm-up loss)."""
+def _eval_step(params, beta, tokens_BxT1, *, graphdef, config: Config) -> LossMetrics:
+    """Held-out metrics with the depth cost at the β training uses now (the adapted one
+    under `train.beta_target`), without the router warm-up loss."""
     model = nnx.merge(graphdef, params)
-    return nvium_loss(model, tokens_BxT1, beta=config.train.beta, chunk=config.train.loss_chunk)
+    return nvium_loss(model, tokens_BxT1, beta=beta, chunk=config.train.loss_chunk)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 
+from nvium_jax.config import InputError
 from nvium_jax.inference.kernels.pallas_attention import pallas_cache_attention
 from nvium_jax.inference.kernels.reference import reference_cache_attention
 
@@ -17,7 +18,7 @@ def cache_attention(q_BxTxHxE, k_BxGxSxE, v_BxGxSxE, cache_len_B, *, impl: str =
     the reference everywhere until the kernel has been compiled and timed on a GPU (the GPU
     issue measures it; `decode.attention=pallas` selects it meanwhile)."""
     if impl not in IMPLS:
-        raise ValueError(f"decode.attention={impl!r}: choose one of {', '.join(IMPLS)}")
+        raise InputError(f"decode.attention={impl!r}: choose one of {', '.join(IMPLS)}")
     if impl in ("auto", "reference"):
         return reference_cache_attention(q_BxTxHxE, k_BxGxSxE, v_BxGxSxE, cache_len_B)
     interpret = jax.default_backend() == "cpu"

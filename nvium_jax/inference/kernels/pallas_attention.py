@@ -61,24 +61,24 @@ def _check_shapes(q_BxTxHxE, k_BxGxSxE, v_BxGxSxE, cache_len_B) -> None:
         or k_BxGxSxE.shape[::3] != (B, E)
     ):
         raise ValueError(
-            f"error: k.shape={k_BxGxSxE.shape}, v.shape={v_BxGxSxE.shape} — k and v must "
+            f"k.shape={k_BxGxSxE.shape}, v.shape={v_BxGxSxE.shape} — k and v must "
             f"both be [B, G, S, E] with B={B} and E={E} as in q.shape={q_BxTxHxE.shape}"
         )
     G = k_BxGxSxE.shape[1]
     if H % G:
         raise ValueError(
-            f"error: q has {H} query heads, not a multiple of the {G} kv heads of k and v; "
+            f"q has {H} query heads, not a multiple of the {G} kv heads of k and v; "
             f"use a kv-head count that divides {H}"
         )
     if jnp.shape(cache_len_B) != (B,):
         raise ValueError(
-            f"error: cache_len.shape={jnp.shape(cache_len_B)} — it must be [B] = {(B,)}"
+            f"cache_len.shape={jnp.shape(cache_len_B)} — it must be [B] = {(B,)}"
         )
 
 
 def _check_tile(name: str, size: int) -> None:
     if size < _MIN_TILE or size & (size - 1):
-        raise ValueError(f"error: {name}={size} — it must be a power of two ≥ {_MIN_TILE}")
+        raise ValueError(f"{name}={size} — it must be a power of two ≥ {_MIN_TILE}")
 
 
 def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -195,7 +195,7 @@ def pallas_cache_attention(
     if num_splits is None:
         num_splits = default_num_splits(B, G, M // block_m, S_pad // block_k)
     if num_splits < 1:
-        raise ValueError(f"error: num_splits={num_splits} — it must be at least 1")
+        raise ValueError(f"num_splits={num_splits} — it must be at least 1")
 
     k_pad = _pad_axis(_pad_axis(k_BxGxSxE, 2, S_pad), 3, E_pad)
     v_pad = _pad_axis(_pad_axis(v_BxGxSxE, 2, S_pad), 3, E_pad)
