@@ -182,8 +182,9 @@ def seal_finished(run_dir: pathlib.Path, manager) -> None:
             seal(step_dir)
 
 
-def checkpoint_problem(step_dir: pathlib.Path) -> Optional[str]:
-    """None when the checkpoint matches its manifest; else what is wrong with it."""
+def checkpoint_problem(step_dir: pathlib.Path, items: Optional[tuple[str, ...]] = None) -> Optional[str]:
+    """None when the checkpoint matches its manifest; else what is wrong with it. With
+    `items` (e.g. ("params",) for `load_run`) only the files of those items are hashed."""
     try:
         files = json.loads((step_dir / MANIFEST).read_text())["files"]
     except FileNotFoundError:
@@ -191,6 +192,9 @@ def checkpoint_problem(step_dir: pathlib.Path) -> Optional[str]:
     except (OSError, ValueError, KeyError, TypeError):
         return f"its {MANIFEST} is unreadable"
     for name, entry in files.items():
+        parts = pathlib.PurePath(name).parts
+        if items is not None and len(parts) > 1 and parts[0] not in items:
+            continue  # another item's file (the checkpoint's own top-level files always count)
         path = step_dir / name
         if not path.is_file():
             return f"{name} is missing"
@@ -206,9 +210,11 @@ def _legacy(steps: dict) -> bool:
     return not any((d / MANIFEST).is_file() for d in steps.values())
 
 
-def verified_step(run_dir: pathlib.Path, step: Optional[int] = None) -> tuple[int, list[int]]:
+def verified_step(run_dir: pathlib.Path, step: Optional[int] = None,
+                  items: Optional[tuple[str, ...]] = None) -> tuple[int, list[int]]:
     """(the newest checkpoint that passes verification — or `step`, which must — and the
-    newer damaged ones). Each damaged checkpoint is named on stderr; none good is an error."""
+    newer damaged ones); `items` limits what is hashed. Each damaged checkpoint is named on
+    stderr; none good is an error."""
     steps = step_dirs(run_dir)
     if not steps:
         raise ConfigError(f"{run_dir} has no checkpoints yet; train it first (nvium train)")
@@ -221,13 +227,13 @@ def verified_step(run_dir: pathlib.Path, step: Optional[int] = None) -> tuple[in
         return chosen, []
     damaged = []
     for candidate in sorted(steps, reverse=True) if step is None else [step]:
-        problem = checkpoint_problem(steps[candidate])
+        problem = checkpoint_problem(steps[candidate], items)
         if problem is None:
             return candidate, damaged
         print(f"warning: checkpoint {candidate} of {run_dir} fails verification: {problem}; "
               f"skipping it", file=sys.stderr)
         damaged.append(candidate)
-    good = [s for s in sorted(steps) if s not in damaged and checkpoint_problem(steps[s]) is None]
+    good = [s for s in sorted(steps) if s not in damaged and checkpoint_problem(steps[s], items) is None]
     raise ConfigError(
         f"checkpoint {step} of {run_dir} fails verification; good checkpoints: {good}" if step is not None
         else f"no checkpoint of {run_dir} passes verification ({len(damaged)} damaged); nothing was "
@@ -383,7 +389,7 @@ def load_run(run_dir, step: Optional[int] = None, *, device=None) -> Run:
     """
     run_dir = pathlib.Path(run_dir)
     config = read_run_config(run_dir)
-    step, _ = verified_step(run_dir, step)
+    step, _ = verified_step(run_dir, step, items=("params",))  # what it reads
     manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(),
                                     item_names=("params", "meta"))
     abstract = nnx.eval_shape(lambda: build_model(config.model))

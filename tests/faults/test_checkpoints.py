@@ -65,12 +65,16 @@ def test_every_checkpoint_is_sealed(straight):
 def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_continues_exactly(
         straight, tmp_path, fault_data, damage, capfd):
     run_dir = rewound(straight, tmp_path / "run", 8)
-    damaged = damage(run_dir / "checkpoints" / "8")
-    assert str(damaged.relative_to(run_dir / "checkpoints" / "8")) in checkpoint_problem(run_dir / "checkpoints" / "8")
-    # load_run falls back too, and says so
-    assert nvium_jax.load_run(run_dir).step == 4
-    with pytest.raises(ConfigError, match="checkpoint 8 of .* fails verification; good checkpoints: \\[4\\]"):
-        nvium_jax.load_run(run_dir, step=8)
+    damaged = damage(run_dir / "checkpoints" / "8").relative_to(run_dir / "checkpoints" / "8")
+    assert str(damaged) in checkpoint_problem(run_dir / "checkpoints" / "8")
+    # load_run verifies what it reads (the parameters and the checkpoint's own files): it
+    # falls back when those are damaged, and loads step 8 when only optimizer state is
+    if len(damaged.parts) == 1 or damaged.parts[0] == "params":
+        assert nvium_jax.load_run(run_dir).step == 4
+        with pytest.raises(ConfigError, match="checkpoint 8 of .* fails verification; good checkpoints: \\[4\\]"):
+            nvium_jax.load_run(run_dir, step=8)
+    else:
+        assert nvium_jax.load_run(run_dir).step == 8
     capfd.readouterr()
     summary = train(small_config(fault_data, run_dir, "train.steps=12"))
     err = capfd.readouterr().err
@@ -80,6 +84,26 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_continues_exactly(
     kept = list((run_dir / "damaged").iterdir())
     assert len(kept) == 1 and kept[0].name.startswith("checkpoint-8-")  # set aside, not deleted
     assert sorted(step_dirs(run_dir)) == [4, 8, 12]
+
+
+def flip_largest(directory):
+    largest = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    largest.write_bytes(bytes(data))
+
+
+def test_load_run_verifies_what_it_reads(straight, tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    flip_largest(run_dir / "checkpoints" / "12" / "params")  # one bit of the parameters
+    flip_largest(run_dir / "checkpoints" / "8" / "opt_state")  # optimizer state: not read by load_run
+    capfd.readouterr()
+    assert nvium_jax.load_run(run_dir).step == 8
+    assert "checkpoint 12 of" in capfd.readouterr().err
+    with pytest.raises(ConfigError, match=r"checkpoint 12 of .* fails verification; good checkpoints: \[4, 8\]"):
+        nvium_jax.load_run(run_dir, step=12)
+    assert checkpoint_problem(run_dir / "checkpoints" / "8") is not None  # training would skip it
 
 
 def test_no_good_checkpoint_is_one_line_and_changes_nothing(straight, tmp_path, fault_data):
