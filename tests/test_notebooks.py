@@ -26,7 +26,7 @@ def test_the_five_notebooks_are_there_without_outputs():
 def notebook_env(tmp_path_factory):
     """Small settings, runs in a temporary dir, one CPU device, no network."""
     runs = tmp_path_factory.mktemp("notebook_runs")
-    return {"NVIUM_NB_RUNS": str(runs), "NVIUM_NB_STEPS": "20", "NVIUM_NB_TOKENS": "24",
+    return {"NVIUM_NB_RUNS": str(runs), "NVIUM_NB_STEPS": "10", "NVIUM_NB_TOKENS": "16",
             "NVIUM_NB_ROUTER_STEPS": "12", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
             "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled", "MPLBACKEND": "Agg"}
 

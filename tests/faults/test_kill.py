@@ -32,18 +32,17 @@ def run_until_killed(config_path, cwd, after: str, delay: float = 0.0) -> str:
 
 
 @pytest.mark.parametrize("after, delay", [
-    ("step 6/", 0.0),        # in the middle of steps, checkpoint 4 behind it
     ("eval step 4", 0.0),    # right as checkpoint 4 (arrays, then the data-iterator state) is written
-    ("step 9/", 0.0),        # checkpoint 8 possibly not sealed yet
-], ids=["mid-steps", "checkpoint-write", "after-checkpoint"])
+    ("step 9/", 0.0),        # in the middle of steps, checkpoint 8 behind it possibly not sealed yet
+], ids=["checkpoint-write", "mid-steps-after-checkpoint"])
 def test_kill_9_then_resume_reaches_the_same_losses(straight, fault_data, tmp_path, after, delay):
     run_dir = tmp_path / "run"
     config = write_yaml(small_config(fault_data, run_dir, "train.steps=12"), tmp_path / "c.yaml")
     log = run_until_killed(config, tmp_path, after, delay)
     assert after in log
-    if after == "step 6/":  # and a kill in the middle of an append: a torn last line
+    if after == "step 9/":  # and a kill in the middle of an append: a torn last line
         with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write('{"step": 7, "loss": 4.1')
+            f.write('{"step": 10, "loss": 4.1')
     for d in step_dirs(run_dir).values():  # what the kill left: complete or unsealed, never half
         problem = checkpoint_problem(d)
         assert problem is None or "no checksum manifest" in problem, problem
