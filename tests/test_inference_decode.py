@@ -81,6 +81,27 @@ def test_packed_batch_of_eight_equals_dense(model, schedule):
     assert np.mean(deferred.exits_BxN < CFG.n_exits - 1) >= 0.2 and np.mean(deferred.exits_BxN > 0) >= 0.2
 
 
+@pytest.mark.parametrize("schedule", ["advance", pytest.param("lockstep", marks=pytest.mark.slow)])
+def test_rows_whose_blocks_do_not_fit_a_run_wait_their_turn(model, schedule, monkeypatch):
+    """Runs capped at 8 tokens for 8 rows (W = 4): gated rows and flushes that do not fit
+    wait for a later iteration, taking turns; the tokens stay those of dense."""
+    from nvium_jax.inference import decode as D
+
+    real = D.decode_options
+    monkeypatch.setattr(D, "decode_options",
+                        lambda *a, **k: dataclasses.replace(real(*a, **k), max_run_tokens=8))
+    rng = np.random.default_rng(4)
+    batch = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (5, 1, 9, 2, 14, 3, 7, 4)]
+    dense = generate(model, batch, 40, seed=3, decode="dense")
+    deferred = generate(model, batch, 40, seed=3, window=4, schedule=schedule, return_state=True)
+    assert D.decode_options(model, 8, 40, "deferred", 4, 1.0, None, None, schedule, None, 8,
+                            "auto").run_shapes[-1] == (8, 4)
+    np.testing.assert_array_equal(deferred.tokens_BxN, dense.tokens_BxN)
+    np.testing.assert_array_equal(deferred.exits_BxN, dense.exits_BxN)
+    # rows waited: more iterations than the longest row's tokens, and flushes happened
+    assert int(deferred.state.head_runs) > 39 and deferred.flushes > 0
+
+
 def test_flush_completes_the_cache(model, prompts):
     # the options (and shapes) of a case above: the compiled loop is reused
     out = generate(model, prompts, 64, seed=5, window=3, schedule="wait+advance",

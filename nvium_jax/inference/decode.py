@@ -257,5 +257,6 @@ def flush(model, state: DecodeState, *, attention: str = "auto") -> DecodeState:
     position fed in (0 … P_b + n_b − 2)."""
     B, ring = state.ring_BxRxD.shape[:2]
     opts = DecodeOptions(mode="deferred", window=ring - 1, max_new_tokens=state.tokens_BxN.shape[1],
-                         context=model.config.context, batch=B, attention=attention)
+                         context=model.config.context, batch=B, attention=attention,
+                         max_run_tokens=B * (ring - 1))  # every row's whole block in one run
     return _flush_jit(*decode_weights(model), state, opts)

@@ -2,7 +2,8 @@
 
 One deferred iteration:
   0. rows about to feed a token whose block would exceed W flush: every segment s ≥ 1 runs
-     on [m_s, t) without gates (the token itself continues in the next iteration);
+     on [m_s, t) without gates (the token itself continues in the next iteration) — as
+     many rows as one run holds (`DecodeOptions.run_cap`), the others wait their turn;
   1. segment 0 on each row's new token x_t, then its gate;
   2. for s = 1 … K−1: the rows whose token waits at segment s run it on their block
      [m_s, t] (a query at position p sees the cache below m_s and the block up to p), then
@@ -13,7 +14,9 @@ Whether segment s ≥ 1 runs is the schedule: `lockstep` runs it whenever a row 
 not need it push their own pending positions through it — a token that exited above s in
 this iteration included — so rows stay at most a token behind; `wait` lets a row wait until
 `wait_rows` rows need that segment (or it has waited `wait_age` iterations, or no row is
-feeding a new token); `wait+advance` does both. Every draw is indexed by
+feeding a new token); `wait+advance` does both. Under every schedule a run holds at most
+`run_cap` tokens: rows whose blocks do not fit wait, taking turns from the row after
+the iteration count (so none starves). Every draw is indexed by
 (row, token) — `fold_in(fold_in(PRNGKey(seed), b), n)` split into K keys — never by
 iteration, so every schedule, and `dense`, return the same tokens and exits.
 
@@ -91,19 +94,39 @@ def first_segment(model, layers, state: DecodeState, rows_B, keys_BxKx2, opts):
     return count_run(state, 0, ran, rows_B, t_B + 1, model, exits=True), exits_B, exit_state_BxD
 
 
-def plan_run(start_B, stop_B, rows_B, optional_B, shapes: tuple, batch: int):
-    """How many tokens of each row a deep segment's run takes, and its branch: 0 skips (no
-    row must run), else 1 + the first of `shapes` (tokens, width) that holds every row's
-    block and the run's target. Rows of `optional_B` advance a prefix of their pending
-    block into the room the run leaves (up to twice the batch in all, when that much is
-    pending, and never past the width), so compiled slots hold real tokens."""
+def in_turn(want_B, room, offset):
+    """Which rows' `want_B` tokens fit in `room`, taken in turn from row `offset` (a row
+    whose block does not fit stops the ones after it: none jumps the queue)."""
+    B = want_B.shape[0]
+    order_B = (jnp.arange(B) + offset) % B  # the rows in turn
+    taken_B = jnp.cumsum(want_B[order_B]) <= room
+    return jnp.zeros((B,), bool).at[order_B].set(taken_B)
+
+
+def plan_run(start_B, stop_B, rows_B, optional_B, shapes: tuple, batch: int, first_B=None,
+             offset=0):
+    """How many tokens of each row a deep segment's run takes, its branch, and which rows
+    of `rows_B` run their whole block. Branch 0 skips (no row runs), else 1 + the first of
+    `shapes` (tokens, width) that holds every running block and the run's target. Rows of
+    `first_B` always run (their sum was checked to fit); the other rows of `rows_B` run
+    in turn from row `offset` while their blocks fit in the largest run, the rest wait.
+    Rows of `optional_B` (and, under it, the waiting rows, short of their gated token)
+    advance a prefix of their pending block into the room the run leaves (up to twice the batch in all, when that much is pending, and never past the
+    width), so compiled slots hold real tokens."""
     tokens_A = jnp.asarray([n for n, _ in shapes])
     width_A = jnp.asarray([w for _, w in shapes])
-    must_B = jnp.where(rows_B, jnp.maximum(stop_B - start_B, 0), 0)
+    block_B = jnp.maximum(stop_B - start_B, 0)
+    first_B = jnp.zeros_like(rows_B) if first_B is None else first_B & rows_B
+    n_first = jnp.sum(jnp.where(first_B, block_B, 0))
+    queued_B = rows_B & ~first_B
+    full_B = first_B | (queued_B & in_turn(jnp.where(queued_B, block_B, 0),
+                                            tokens_A[-1] - n_first, offset))
+    must_B = jnp.where(full_B, block_B, 0)
     n_must = jnp.sum(must_B)
     spare_B = jnp.zeros_like(must_B)
-    if optional_B is not None:
-        spare_B = jnp.where(optional_B & ~rows_B, jnp.maximum(stop_B - start_B, 0), 0)
+    if optional_B is not None:  # a waiting row may advance too, but not its gated token
+        spare_B = jnp.where(optional_B & ~rows_B, block_B,
+                            jnp.where(rows_B & ~full_B, jnp.maximum(block_B - 1, 0), 0))
     target = jnp.maximum(n_must, jnp.minimum(n_must + jnp.sum(spare_B), 2 * batch))
     target = jnp.minimum(target, tokens_A[-1])
     fits_A = (tokens_A >= target) & (width_A >= jnp.max(must_B))
@@ -112,26 +135,30 @@ def plan_run(start_B, stop_B, rows_B, optional_B, shapes: tuple, batch: int):
     spare_B = jnp.minimum(spare_B, width_A[choice] - must_B)
     taken_B = jnp.clip(room - (jnp.cumsum(spare_B) - spare_B), 0, spare_B)
     index = jnp.where(n_must > 0, 1 + choice, 0)
-    return must_B + jnp.where(n_must > 0, taken_B, 0), index
+    return must_B + jnp.where(n_must > 0, taken_B, 0), index, full_B & rows_B
 
 
 def run_blocks(model, layers, state: DecodeState, s: int, start_B, stop_B, rows_B, opts,
-               gate=None, optional_B=None):
-    """Segment s ≥ 1 on positions [start_b, stop_b) of each row in `rows_B` (and a prefix
-    of the blocks of `optional_B`, see `plan_run`) — one `lax.switch`. With
-    `gate = (gate_rows_B, keys)`, each gate row's token (at stop_b − 1) meets exit s.
-    Returns (state, exits_B, exit_state_BxD)."""
+               gate=None, optional_B=None, first_B=None):
+    """Segment s ≥ 1 on positions [start_b, stop_b) of the rows of `rows_B` that fit (all
+    of `first_B`; see `plan_run`), and a prefix of the blocks of `optional_B` — one
+    `lax.switch`. With `gate = (gate_rows_B, keys)`, each gate row that ran its block
+    has its token (at stop_b − 1) meet exit s. Returns (state, exits_B, exit_state_BxD,
+    full_B: the rows of `rows_B` that ran their whole block)."""
     cfg = model.config
     B, D = rows_B.shape[0], cfg.d_model
     start, stop = cfg.segments[s]
     shapes = opts.run_shapes
     most = shapes[-1][0]
-    len_B, index = plan_run(start_B, stop_B, rows_B, optional_B, shapes, B)
+    len_B, index, full_B = plan_run(start_B, stop_B, rows_B, optional_B, shapes, B, first_B,
+                                    offset=state.head_runs % B)
     rows_B = len_B > 0
     stop_B = jnp.where(rows_B, start_B + len_B, stop_B)
     packed = pack_blocks(start_B, len_B, most)
     off_B = jnp.cumsum(len_B) - len_B
     pad = lambda x, size: jnp.pad(x, [(0, most - size)] + [(0, 0)] * (x.ndim - 1))
+    if gate is not None:  # a row that waits meets no exit
+        gate = (gate[0] & full_B, gate[1])
 
     def finish(h_NxD, k_list, v_list, size, last_B):
         out = (pad(h_NxD, size), [pad(k, size) for k in k_list], [pad(v, size) for v in v_list])
@@ -178,7 +205,7 @@ def run_blocks(model, layers, state: DecodeState, s: int, start_B, stop_B, rows_
         fill_BxK=state.fill_BxK.at[:, s].set(jnp.where(rows_B, stop_B, state.fill_BxK[:, s])),
     )
     state = count_run(state, s, index > 0, rows_B, stop_B, model, exits=gate is not None)
-    return state, exits_B, exit_state_BxD
+    return state, exits_B, exit_state_BxD, full_B
 
 
 def segment_runs(waiting_B, state: DecodeState, fed_new_token, opts):
@@ -196,7 +223,13 @@ def deferred_iteration(model, layers, state: DecodeState, active_B, opts) -> Dec
     K, B, D = cfg.n_exits, state.pos_B.shape[0], cfg.d_model
     t_B = state.pos_B
     fed_B = active_B & (state.need_B == 0)
-    flush_B = fed_B & (t_B - state.fill_BxK[:, K - 1] + 1 > opts.window)
+    deferred_B = t_B - state.fill_BxK[:, K - 1]  # the deepest segment's block: the longest
+    wants_flush_B = fed_B & (deferred_B + 1 > opts.window)
+    # a flush finishes in its iteration (the row's next block must fit the ring), so the
+    # flushes that do not fit one run wait, taking turns, and their rows feed no token
+    flush_B = wants_flush_B & in_turn(jnp.where(wants_flush_B, deferred_B, 0),
+                                      opts.run_shapes[-1][0], state.head_runs % B)
+    fed_B &= ~(wants_flush_B & ~flush_B)
     keys_BxKx2 = token_keys(state.row_key_Bx2, state.n_B, K)
     chosen_BxD = jnp.zeros((B, D), model.dtype)
     exit_B = jnp.zeros((B,), jnp.int32)
@@ -218,9 +251,10 @@ def deferred_iteration(model, layers, state: DecodeState, active_B, opts) -> Dec
             # (a flushing row's block already spans W positions without it)
             pending_end_B = jnp.minimum(state.fill_BxK[:, s - 1], t_B + (sampled_B & ~flush_B))
             stop_B = jnp.where(gate_rows_B, t_B + 1, pending_end_B)
-            state, exits_now_B, exit_state_BxD = run_blocks(
+            state, exits_now_B, exit_state_BxD, full_B = run_blocks(
                 model, layers, state, s, start_B, stop_B, gate_rows_B | flush_B, opts,
-                gate=(gate_rows_B, keys_BxKx2), optional_B=advance_B)
+                gate=(gate_rows_B, keys_BxKx2), optional_B=advance_B, first_B=flush_B)
+            gate_rows_B &= full_B  # the others wait for a later run
         chosen_BxD = jnp.where(exits_now_B[:, None], exit_state_BxD, chosen_BxD)
         exit_B = jnp.where(exits_now_B, s, exit_B)
         sampled_B |= exits_now_B
@@ -279,7 +313,8 @@ def flush_state(model, layers, state: DecodeState, opts) -> DecodeState:
     for s in range(1, model.config.n_exits):
         start_B = state.fill_BxK[:, s]
         stop_B = jnp.minimum(state.fill_BxK[:, s - 1], state.pos_B)
-        state, _, _ = run_blocks(model, layers, state, s, start_B, stop_B, rows_B, opts)
+        state, _, _, _ = run_blocks(model, layers, state, s, start_B, stop_B, rows_B, opts,
+                                    first_B=rows_B)  # flush's options hold B × W
     return drop_pending(write_pending(state, model))
 
 

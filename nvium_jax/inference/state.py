@@ -108,6 +108,7 @@ class DecodeOptions:
     wait_rows: int = 1
     wait_age: int = 8
     attention: str = "auto"
+    max_run_tokens: Optional[int] = None  # None: the rule of `run_cap`
 
     @property
     def exact(self) -> bool:
@@ -126,25 +127,38 @@ class DecodeOptions:
         return self.window + 1
 
     @property
+    def run_cap(self) -> int:
+        """Tokens one run of a deep segment holds at most (batch > 1): B × W would hold
+        every row's longest block, but every run pads its K/V, residuals and cache writes
+        to this size, so it is capped at max(2B, 2W) (≥ W: one row's block always fits).
+        Rows whose blocks do not fit wait an iteration (exact: draws are indexed by token),
+        taking turns; a flush that does not fit waits before its row feeds a token."""
+        B, W = self.batch, self.window
+        if B == 1:
+            return W
+        cap = min(B * W, max(2 * B, 2 * W)) if self.max_run_tokens is None else self.max_run_tokens
+        return min(B * W, max(cap, B, W))
+
+    @property
     def run_shapes(self) -> tuple[tuple[int, int], ...]:
         """(tokens, width) of each compiled run of a deep segment: the rows' pending blocks
         packed into one list of `tokens`, no row's block longer than `width` (the
         attention lays each row's block out in `width` slots). At batch 1: the powers of
         two up to W (and W), as blocks of one row. At batch B > 1: one token per row
         (B, 1) — the steady state of `advance` — and two per row (2B, 2), then ragged
-        blocks (N, min(N, W)) for N = 2B, 4B, … up to B × W; the run takes the first that
-        holds its blocks (measured at batch 4 and 8 on CPU: one token per row takes 80–95%
-        of the runs)."""
-        W, B = self.window, self.batch
+        blocks (N, min(N, W)) for N = 2B, 4B, … up to `run_cap`; the run takes the first
+        that holds its blocks (measured at batch 4 and 8 on CPU: one token per row takes
+        80–95% of the runs)."""
+        W, B, cap = self.window, self.batch, self.run_cap
         if B == 1:
             widths = {1 << i for i in range(int(math.log2(W)) + 1)} | {W}
             return tuple((w, w) for w in sorted(widths))
-        shapes = {(B, 1), (min(2 * B, B * W), min(2, W))}
+        shapes = {(B, 1), (min(2 * B, cap), min(2, W))}
         n = 2 * B
-        while n < B * W:
+        while n < cap:
             shapes.add((n, min(n, W)))
             n *= 2
-        shapes.add((B * W, W))
+        shapes.add((cap, min(cap, W)))
         return tuple(sorted(shapes))
 
 
