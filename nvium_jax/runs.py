@@ -82,8 +82,7 @@ def checkpoint_manager(run_dir: pathlib.Path, keep: int = 3, async_save: bool = 
 
 
 def has_checkpoints(run_dir: pathlib.Path) -> bool:
-    ckpt = run_dir / "checkpoints"
-    return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+    return bool(step_dirs(run_dir))
 
 
 def save_checkpoint(manager, state, data_state: dict, config: Config) -> None:

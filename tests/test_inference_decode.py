@@ -81,7 +81,8 @@ def test_packed_batch_of_eight_equals_dense(model, schedule):
     assert np.mean(deferred.exits_BxN < CFG.n_exits - 1) >= 0.2 and np.mean(deferred.exits_BxN > 0) >= 0.2
 
 
-@pytest.mark.parametrize("schedule", ["advance", pytest.param("lockstep", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["advance", "lockstep"])
 def test_rows_whose_blocks_do_not_fit_a_run_wait_their_turn(model, schedule, monkeypatch):
     """Runs capped at 8 tokens for 8 rows (W = 4): gated rows and flushes that do not fit
     wait for a later iteration, taking turns; the tokens stay those of dense."""
@@ -103,9 +104,8 @@ def test_rows_whose_blocks_do_not_fit_a_run_wait_their_turn(model, schedule, mon
 
 
 def test_flush_completes_the_cache(model, prompts):
-    # the options (and shapes) of a case above: the compiled loop is reused
-    out = generate(model, prompts, 64, seed=5, window=3, schedule="wait+advance",
-                   return_state=True)
+    # the options (and shapes) of the first case above: the compiled loop is reused
+    out = generate(model, prompts, 64, seed=5, return_state=True)
     state = flush(model, out.state)
     pending = 0.0
     for b, prompt in enumerate(prompts):
