@@ -111,8 +111,9 @@ def plan_run(start_B, stop_B, rows_B, optional_B, shapes: tuple, batch: int, fir
     `first_B` always run (their sum was checked to fit); the other rows of `rows_B` run
     in turn from row `offset` while their blocks fit in the largest run, the rest wait.
     Rows of `optional_B` (and, under it, the waiting rows, short of their gated token)
-    advance a prefix of their pending block into the room the run leaves (up to twice the batch in all, when that much is pending, and never past the
-    width), so compiled slots hold real tokens."""
+    advance a prefix of their pending block into the room the run leaves (up to twice the
+    batch in all, when that much is pending, and never past the width), so compiled slots
+    hold real tokens."""
     tokens_A = jnp.asarray([n for n, _ in shapes])
     width_A = jnp.asarray([w for _, w in shapes])
     block_B = jnp.maximum(stop_B - start_B, 0)
@@ -135,7 +136,7 @@ def plan_run(start_B, stop_B, rows_B, optional_B, shapes: tuple, batch: int, fir
     spare_B = jnp.minimum(spare_B, width_A[choice] - must_B)
     taken_B = jnp.clip(room - (jnp.cumsum(spare_B) - spare_B), 0, spare_B)
     index = jnp.where(n_must > 0, 1 + choice, 0)
-    return must_B + jnp.where(n_must > 0, taken_B, 0), index, full_B & rows_B
+    return must_B + jnp.where(n_must > 0, taken_B, 0), index, full_B
 
 
 def run_blocks(model, layers, state: DecodeState, s: int, start_B, stop_B, rows_B, opts,
