@@ -117,7 +117,16 @@ class TrainConfig:
     b2: float = 0.95
     grad_clip: float = 1.0
     beta: float = 0.15  # weight of the expected-depth cost
-    beta_target: Optional[float] = None  # target mixture CE for an adaptive beta; None = fixed
+    # the adaptive depth cost (nvium_jax/train/beta.py): a constant target CE, or a matched
+    # baseline run whose held-out CE at the nearest logged step is the target; both null = fixed β
+    beta_target: Optional[float] = None
+    beta_match: Optional[str] = None
+    beta_k_up: float = 8.0  # the paper's 1.5B constants
+    beta_k_down: float = 4.0
+    beta_dead_band: float = 0.005
+    beta_max_step: float = 100.0
+    beta_min: float = 0.0
+    beta_max: float = 10.0
     router_warmup_frac: float = 0.05
     loss_chunk: int = 256  # tokens per chunk of the vocabulary projection
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "full"
@@ -371,6 +380,13 @@ def validate(config: Config) -> None:
     _require(0 < t.decay_frac <= 1, "train.decay_frac must lie in (0, 1]")
     _require(t.warmup_steps >= 0, "train.warmup_steps must be at least 0")
     _require(t.beta >= 0, "train.beta must be at least 0")
+    _require(t.beta_target is None or t.beta_match is None,
+             "set one of train.beta_target (a constant CE) and train.beta_match (a baseline run "
+             "dir), not both")
+    for key in ("beta_k_up", "beta_k_down", "beta_dead_band", "beta_max_step", "beta_min"):
+        _require(getattr(t, key) >= 0, f"train.{key}={getattr(t, key)} must be at least 0")
+    _require(t.beta_min <= t.beta_max,
+             f"train.beta_min={t.beta_min} must not exceed train.beta_max={t.beta_max}")
     _require(t.profile_steps >= 0, "train.profile_steps must be at least 0")
     d = config.data
     _require(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must lie in [0, 1)")

@@ -1,6 +1,4 @@
-"""The train step: gradient accumulation equals the full batch; the adaptive β rule."""
-
-import math
+"""The train step: gradient accumulation equals the full batch."""
 
 import jax
 import numpy as np
@@ -36,14 +34,3 @@ def test_gradient_accumulation_equals_the_full_batch(full_batch_step):
     assert float(accum["grad_norm"]) == pytest.approx(float(full["grad_norm"]), rel=1e-5)
     for a, b in zip(jax.tree.leaves(accum_state.params), jax.tree.leaves(full_state.params)):
         np.testing.assert_allclose(a, b, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_adaptive_beta_moves_toward_the_target_ce(full_batch_step):
-    config, state, metrics = one_step("train.beta_target=3.0")
-    ce = float(metrics["mixture_ce"])
-    assert ce > 3.0  # an untrained model is above the target: β must fall
-    expected = config.train.beta * math.exp(0.05 * (3.0 - ce))
-    assert float(state.beta) == pytest.approx(expected, rel=1e-5)
-    _, fixed, _ = full_batch_step
-    assert float(fixed.beta) == pytest.approx(0.05)  # nvium-tiny's fixed β

@@ -4,10 +4,11 @@ a notebook can show it and a test can read the plotted numbers back."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 from matplotlib.figure import Figure
+
+from nvium_jax.train.metrics import read_metrics
 
 COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
 
@@ -65,31 +66,29 @@ def routing_by_position_figure(record: dict) -> Figure:
     return fig
 
 
-def read_metrics(path: pathlib.Path) -> list[dict]:
-    """metrics.jsonl rows; a torn or foreign line is skipped."""
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
-
-
 def training_curves_figure(rows: list[dict]) -> Figure:
-    """Loss and CE per exit (train, held-out dashed), expected depth, learning rate."""
+    """Loss and CE per exit (train, held-out dashed; the β controller's target CE dotted),
+    expected depth, learning rate, and β (the depth cost's weight, set at evaluations when
+    the controller is on)."""
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_loss" in r]
-    fig = Figure(figsize=(10, 6.5), layout="constrained")
-    loss_ax, ce_ax, depth_ax, lr_ax = fig.subplots(2, 2).reshape(-1)
+    fig = Figure(figsize=(10, 9), layout="constrained")
+    loss_ax, ce_ax, depth_ax, lr_ax, beta_ax, gap_ax = fig.subplots(3, 2).reshape(-1)
     steps = [r["step"] for r in train]
     loss_ax.plot(steps, [r["loss"] for r in train], label="train loss")
     loss_ax.plot(steps, [r["mixture_ce"] for r in train], label="train mixture CE")
     if val:
         loss_ax.plot([r["step"] for r in val], [r["val_mixture_ce"] for r in val], "o--",
                      label="held-out mixture CE")
+    targeted = [r for r in val if r.get("beta_target_ce") is not None]
+    if targeted:
+        loss_ax.plot([r["step"] for r in targeted], [r["beta_target_ce"] for r in targeted], "k:",
+                     label="β target CE")
+        gap_ax.plot([r["step"] for r in targeted], [r["beta_gap"] for r in targeted], "o-")
+        gap_ax.axhline(0.0, color="gray", linewidth=0.8)
+    gap_ax.set_title("β gap: target − held-out mixture CE")
+    beta_ax.plot(steps, [r.get("beta", float("nan")) for r in train])
+    beta_ax.set_title("β (depth-cost weight)")
     loss_ax.set_title("loss")
     loss_ax.legend(fontsize="small")
     n_exits = len(train[0]["exit_ce"]) if train else 0
@@ -105,7 +104,7 @@ def training_curves_figure(rows: list[dict]) -> Figure:
     depth_ax.set_title("expected depth (layers)")
     lr_ax.plot(steps, [r["lr"] for r in train])
     lr_ax.set_title("learning rate")
-    for ax in (loss_ax, ce_ax, depth_ax, lr_ax):
+    for ax in (loss_ax, ce_ax, depth_ax, lr_ax, beta_ax, gap_ax):
         ax.set_xlabel("step")
     return fig
 

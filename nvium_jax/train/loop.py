@@ -20,11 +20,12 @@ from nvium_jax.runs import (
     holds_train_state, read_run_config, restore_checkpoint, restore_params, save_checkpoint,
     seal_finished, set_aside, step_dirs, verified_step, write_run_files,
 )
+from nvium_jax.train import beta as beta_controller
 from nvium_jax.train.mesh import batch_sharding, data_parallel_size, make_mesh
 from nvium_jax.train.metrics import MetricsSink, mfu
 from nvium_jax.train.optimizer import lr_schedule
 from nvium_jax.train.step import (
-    TrainState, abstract_state, make_trainer, micro_batches, step_batch_shape,
+    TrainState, abstract_state, make_trainer, micro_batches, router_warmup_steps, step_batch_shape,
 )
 
 SYNC_EVERY = 10  # fetch a scalar at least this often: queued CPU collectives can deadlock
@@ -177,6 +178,7 @@ def train(config: Config, command: Optional[list[str]] = None) -> dict:
     mesh = make_mesh(config.mesh)
     check_batch(config, data_parallel_size(mesh))
     data_dir = resolve_data_dir(config)
+    beta_controller.check_beta_match(config, data_dir)
     trainer = make_trainer(config, mesh)
     with RunDirLock(run_dir):  # before anything in the run dir is written
         return _train_locked(config, command, run_dir, resuming, mesh, data_dir, trainer)
@@ -233,7 +235,7 @@ def _loop(config, trainer, state, batches, manager, sink, stop, val, val_shardin
     step = int(jax.device_get(state.step))
     summary: dict = {"start_step": step}
     if step == 0:  # a resumed run logged its evaluations already
-        summary["eval"] = _log_eval(sink, trainer, state, val, val_sharding, step)
+        state, summary["eval"] = _log_eval(sink, trainer, state, val, val_sharding, step, config)
     pending, last_sync, last_good = [], time.time(), (step or None)
     spike_watch = SpikeWatch()
     profile_at = step + 5 if train_cfg.profile_steps else None
@@ -267,7 +269,7 @@ def _loop(config, trainer, state, batches, manager, sink, stop, val, val_shardin
             sink.progress(record)
             summary["train"] = record
         if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
-            summary["eval"] = _log_eval(sink, trainer, state, val, val_sharding, step)
+            state, summary["eval"] = _log_eval(sink, trainer, state, val, val_sharding, step, config)
             last_sync = time.time()  # evaluation time is not training throughput
         seal_finished(run_dir, manager)  # the last async save, once orbax has committed it
         if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps or stopping:
@@ -322,11 +324,22 @@ def _train_record(metrics: dict, step: int, tokens_per_s: float, config: Config)
     return record
 
 
-def _log_eval(sink, trainer, state, val, sharding, step: int) -> dict:
+def _log_eval(sink, trainer, state, val, sharding, step: int, config: Config):
+    """Held-out metrics at the β in force, then the β controller's step (the new β goes into
+    the state, and so into the checkpoint saved at this step); returns (state, record)."""
     record = {"step": step, **evaluate(trainer, state.params, state.beta, val, sharding)}
+    update = beta_controller.update(float(jax.device_get(state.beta)), record["val_mixture_ce"],
+                                    step, config.train, router_warmup_steps(config))
+    new_beta = np.float32(update.beta)  # as the state holds it
+    record.update(beta_target_ce=update.target_ce, beta_gap=update.gap, beta=float(new_beta))
+    if new_beta != np.float32(jax.device_get(state.beta)):
+        state = state._replace(beta=jax.make_array_from_callback(
+            (), trainer.state_shardings.beta, lambda _: new_beta))
+        sink.note(f"[magenta]β → {update.beta:.4f}[/magenta] (target CE {update.target_ce:.4f}, "
+                  f"gap {update.gap:+.4f})")
     sink.log(record)
     sink.note(f"[cyan]eval step {step}[/cyan] · val loss {record['val_loss']:.4f} · "
               f"val ce {record['val_mixture_ce']:.4f} · exit ce "
               f"{', '.join(f'{c:.3f}' for c in record['val_exit_ce'])} · exit mass "
               f"{', '.join(f'{m:.2f}' for m in record['val_exit_mass'])}")
-    return record
+    return state, record

@@ -112,6 +112,19 @@ class MetricsSink:
             self.wandb.finish()
 
 
+def read_metrics(path: pathlib.Path) -> list[dict]:
+    """metrics.jsonl rows; a torn or foreign line (one a trainer is writing now) is skipped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
 def trim_metrics(path: pathlib.Path, resume_step: int) -> None:
     """Before (re)starting at `resume_step`: metrics.jsonl keeps the valid rows up to that
     step — a row torn by a kill is dropped, and rows of steps that will be run again move

@@ -22,14 +22,11 @@ from nvium_jax.model.loss import LossMetrics, nvium_loss
 from nvium_jax.train.mesh import batch_sharding, param_shardings, replicated
 from nvium_jax.train.optimizer import lr_schedule, make_optimizer
 
-BETA_GAIN = 0.05  # adaptive β: multiplicative step per nat of CE above/below target
-
-
 class TrainState(NamedTuple):
     step: jax.Array  # optimizer steps done
     params: dict
     opt_state: optax.OptState
-    beta: jax.Array  # weight of the depth cost (adapted when train.beta_target is set)
+    beta: jax.Array  # weight of the depth cost (set at evaluations by train/beta.py's controller)
     skipped: jax.Array  # steps skipped for a non-finite loss (train.on_nonfinite=skip)
 
 
@@ -166,12 +163,8 @@ def _train_step(state: TrainState, batch_AxBxT1, *, graphdef, optimizer, config:
     if train.on_nonfinite == "skip":  # a non-finite step changes nothing but the counter
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-    beta = state.beta
-    if train.beta_target is not None:  # more depth penalty while CE is below target
-        beta = beta * jnp.exp(BETA_GAIN * (train.beta_target - metrics.mixture_ce))
-        beta = jnp.where(finite & ~in_warmup, beta, state.beta)
     new_state = TrainState(
-        state.step + 1, params, opt_state, beta, state.skipped + (~finite).astype(jnp.int32)
+        state.step + 1, params, opt_state, state.beta, state.skipped + (~finite).astype(jnp.int32)
     )
     out = dict(metrics._asdict())
     out.update(
@@ -187,6 +180,6 @@ def _train_step(state: TrainState, batch_AxBxT1, *, graphdef, optimizer, config:
 
 def _eval_step(params, beta, tokens_BxT1, *, graphdef, config: Config) -> LossMetrics:
     """Held-out metrics with the depth cost at the β training uses now (the adapted one
-    under `train.beta_target`), without the router warm-up loss."""
+    under the β controller), without the router warm-up loss."""
     model = nnx.merge(graphdef, params)
     return nvium_loss(model, tokens_BxT1, beta=beta, chunk=config.train.loss_chunk)

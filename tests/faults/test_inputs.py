@@ -103,18 +103,6 @@ def test_resume_with_more_steps_says_what_changes(run8, fault_data, tmp_path, ca
     assert "the router warm-up ends at step 10 (was 2) — this run goes back into router warm-up" in err
 
 
-def test_held_out_loss_uses_the_adapted_beta(fault_data, tmp_path):
-    run_dir = tmp_path / "run"
-    train(small_config(fault_data, run_dir, "train.beta_target=9.0", "train.router_warmup_frac=0"))
-    rows = metrics_rows(run_dir)
-    beta_after = {r["step"] - 1: r["beta"] for r in rows if "beta" in r}  # β entering step s+1
-    val = next(r for r in rows if r["step"] == 4 and "val_loss" in r)
-    beta = beta_after[4]
-    assert beta != pytest.approx(small_config(fault_data, run_dir).train.beta, rel=1e-3)  # it moved
-    assert val["val_depth_cost"] == pytest.approx(beta * val["val_expected_depth"] / 2, rel=1e-5)
-    assert val["val_loss"] == pytest.approx(val["val_mixture_ce"] + val["val_depth_cost"], rel=1e-6)
-
-
 def test_nothing_is_unpickled_or_evaluated():
     """No pickle/marshal/shelve/dill, eval/exec, unsafe YAML, allow_pickle or torch.load in
     the package: configs, checkpoints, tokenizers and HF weights are read as data only."""
