@@ -126,10 +126,16 @@ def bench_decode(
     schedule: str = "advance",
     attention: str = "auto",
     seed: int = 0,
+    prompts: Optional[np.ndarray] = None,
 ) -> dict:
     """Tokens/s of deferred, dense and the matched baseline on the same prompts (DESIGN §3
-    keys), plus the byte model's ideal speedup and the measured exit distribution."""
+    keys), plus the byte model's ideal speedup and the measured exit distribution.
+    `prompts` (a [B, P] int array, e.g. cut from held-out text) replaces the random ones,
+    setting `batch` and `prompt_tokens`."""
     cfg = model.config
+    if prompts is not None:
+        prompts = np.asarray(prompts, np.int32)
+        batch, prompt_tokens = prompts.shape
     if exit_rates is not None:
         force_exit_rates(model, exit_rates)
     if prompt_tokens < 1 or prompt_tokens + 1 >= cfg.context:
@@ -139,7 +145,8 @@ def bench_decode(
         raise InputError(f"--max-new-tokens {max_new_tokens}: give at least 2 (the first new token "
                          f"comes from the prefill, the loop decodes the rest)")
     baseline = build_model(matched_baseline_model(cfg), seed=seed)
-    prompts = bench_prompts(cfg.vocab_size, batch, prompt_tokens, seed)
+    if prompts is None:
+        prompts = bench_prompts(cfg.vocab_size, batch, prompt_tokens, seed)
     n_new = min(max_new_tokens, cfg.context - prompt_tokens)
     common = dict(seed=seed, window=window, attention=attention, return_state=True)
     runs = {
