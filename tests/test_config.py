@@ -21,7 +21,7 @@ def test_every_shipped_config_loads():
 
 
 def test_overrides_are_parsed_as_yaml():
-    config = load_config(TINY, ["train.lr=3e-4", "model.exits=[1,3]", "run.wandb=disabled",
+    config = load_config(TINY, ["model.n_layers=4", "train.lr=3e-4", "model.exits=[1,3]", "run.wandb=disabled",
                                 "model.n_kv_heads=2", "data.path=null", "train.grad_accum=2"])
     assert config.train.lr == pytest.approx(3e-4) and isinstance(config.train.lr, float)
     assert config.model.exits == (1, 3) and config.model.exit_depths == (1, 3, 4)
@@ -54,7 +54,7 @@ def test_overrides_are_parsed_as_yaml():
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(TINY, [override])
+        load_config(TINY, ["model.n_layers=4", "model.exits=[1,2,3]", override])
 
 
 def test_bad_files(tmp_path):
@@ -72,7 +72,7 @@ def test_bad_files(tmp_path):
 def test_cli_prints_config_and_errors_without_traceback(capsys):
     assert main(["train", "--config", str(TINY), "--print-config", "train.lr=1e-3"]) == 0
     out, err = capsys.readouterr()
-    assert "lr: 0.001" in out and "2,050,694 parameters" in err
+    assert "lr: 0.001" in out and "2,903,686 parameters" in err
     assert main(["train", "--config", str(TINY), "--print-config", "model.exits=[1,9]"]) == 2
     out, err = capsys.readouterr()
     assert out == ""

@@ -68,7 +68,7 @@ def test_run_counters_match_a_count_from_the_exits():
 
 @pytest.mark.slow
 def test_bench_decode_cli_json(capsys):
-    args = ["bench", "decode", "--config", "configs/nvium-tiny.yaml", "model.vocab_size=64",
+    args = ["bench", "decode", "--config", "configs/nvium-tiny.yaml", "model.n_layers=4", "model.exits=[1,2,3]", "model.vocab_size=64",
             "model.context=48", "model.dtype=float32", "--max-new-tokens", "6", "--repeats", "1",
             "--exit-rates", "0.35,0.25,0.15,0.25", "--batch", "2", "--prompt-tokens", "5",
             "--json"]

@@ -45,7 +45,8 @@ def test_micro_batches_keep_each_process_rows_contiguous():
 def tiny_config():
     return load_config(
         "configs/nvium-tiny.yaml",
-        ["model.dtype=float32", "model.vocab_size=61", "model.context=16", "model.d_model=32",
+        ["model.n_layers=4", "model.exits=[1,2,3]", "model.dtype=float32", "model.vocab_size=61",
+         "model.context=16", "model.d_model=32",
          "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64", "train.batch_size=8",
          "train.loss_chunk=8", "model.router_bias_init=-1.0"],
     )

@@ -42,7 +42,7 @@ def test_plan_1p5b_on_eight_simulated_devices():
 @pytest.mark.slow
 def test_bench_train_reports_both_models():
     record = run_cli("bench", "train", "--config", "configs/nvium-tiny.yaml", "--steps", "2",
-                     "train.batch_size=2", "model.context=32", "mesh.fsdp=1", "--json")
+                     "model.n_layers=4", "model.exits=[1,2,3]", "train.batch_size=2", "model.context=32", "mesh.fsdp=1", "--json")
     assert set(record) >= {"device", "config", "baseline_config", "nvium_step_s", "baseline_step_s",
                            "step_ratio", "nvium_tokens_per_s", "baseline_tokens_per_s",
                            "nvium_mfu", "baseline_mfu"}

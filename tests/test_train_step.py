@@ -8,7 +8,7 @@ from nvium_jax.config import MeshConfig, load_config
 from nvium_jax.train.mesh import make_mesh
 from nvium_jax.train.step import make_trainer, micro_batches
 
-OVERRIDES = ["model.dtype=float32", "model.vocab_size=61", "model.context=16", "model.d_model=32",
+OVERRIDES = ["model.n_layers=4", "model.exits=[1,2,3]", "model.dtype=float32", "model.vocab_size=61", "model.context=16", "model.d_model=32",
              "model.n_heads=4", "model.d_ff=64", "train.batch_size=8", "train.loss_chunk=8",
              "train.steps=10", "train.router_warmup_frac=0.0", "model.router_bias_init=-1.0"]
 TOKENS = np.random.default_rng(3).integers(0, 61, (8, 17)).astype(np.int32)

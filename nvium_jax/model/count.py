@@ -49,14 +49,19 @@ def param_count(cfg: ModelConfig) -> int:
     return backbone_param_count(cfg) + len(cfg.early_exits) * exit_param_count(cfg)
 
 
-def matched_baseline_d_ff(cfg: ModelConfig, multiple: int = 32) -> int:
-    """The baseline FFN width (a multiple of `multiple`) whose parameter count is nearest
-    to the N-vium model's: same layers and width, no exits."""
+def matched_baseline_d_ff(cfg: ModelConfig, multiple: int = 32, tolerance: float = 0.0025) -> int:
+    """The baseline FFN width whose parameter count is nearest to the N-vium model's (same
+    layers and width, no exits): a multiple of `multiple`, halved while that misses the
+    count by more than `tolerance` (a small model's step of 32 can be 3% of its size)."""
     target = param_count(cfg)
     per_unit = 3 * cfg.d_model * cfg.n_layers  # parameters per unit of d_ff
     no_ffn = backbone_param_count(dataclasses.replace(cfg, d_ff=0, exits=()))
     exact = (target - no_ffn) / per_unit
-    return max(multiple, multiple * round(exact / multiple))
+    while True:
+        d_ff = max(multiple, multiple * round(exact / multiple))
+        if multiple == 1 or abs(no_ffn + d_ff * per_unit - target) <= tolerance * target:
+            return d_ff
+        multiple //= 2
 
 
 def matched_baseline_model(cfg: ModelConfig) -> ModelConfig:
