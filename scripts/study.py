@@ -35,10 +35,17 @@ BENCH_KEYS = ("speedup", "speedup_vs_dense", "ideal_speedup", "efficiency",
 
 
 def run_configs(size: str, betas: list[float], match: bool, out: pathlib.Path, overrides: list[str]):
-    """(name, config path, run dir, overrides) of every run of one size, baseline first."""
+    """(name, config path, run dir, overrides) of every run of one size, baseline first. The
+    baseline is the matched one of the N-vium config as overridden (no exits, the FFN width
+    of `matched_baseline_d_ff`), so `model.*` overrides change both alike."""
+    from nvium_jax.config import load_config
+    from nvium_jax.model.count import matched_baseline_d_ff
+
     base = out / size / "baseline"
-    runs = [("baseline", ROOT / f"configs/baseline-{size}.yaml", base, [])]
     nvium = ROOT / f"configs/nvium-{size}.yaml"
+    d_ff = matched_baseline_d_ff(load_config(nvium, overrides).model)
+    runs = [("baseline", ROOT / f"configs/baseline-{size}.yaml", base,
+             ["model.exits=[]", f"model.d_ff={d_ff}"])]
     runs += [(f"β={b:g}", nvium, out / size / f"beta{b:g}", [f"train.beta={b}"]) for b in betas]
     if match:
         runs.append(("matched β", nvium, out / size / "match", [f"train.beta_match={base}"]))

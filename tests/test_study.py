@@ -4,7 +4,9 @@ baseline first, every N-vium run on the same tokens) and the Pareto front it dra
 import itertools
 import pathlib
 
-from scripts.study import pareto, run_configs
+from nvium_jax.config import load_config
+from nvium_jax.model.count import matched_baseline_model, param_count
+from scripts.study import ROOT, pareto, run_configs
 
 
 def test_the_pareto_front_against_every_pair():
@@ -27,3 +29,10 @@ def test_the_runs_share_tokens_and_the_matched_run_reads_the_baseline(tmp_path):
     for _, _, run_dir, overrides in runs:
         assert overrides[0] == "train.steps=50" and f"run.dir={run_dir}" in overrides
     assert len({r[2] for r in runs}) == 4 and all(isinstance(r[2], pathlib.Path) for r in runs)
+    # the baseline of the shipped pair is the shipped baseline; overridden, the matched one
+    configs = [load_config(path, overrides) for _, path, _, overrides in runs]
+    assert configs[0].model == load_config(ROOT / "configs/baseline-tiny.yaml").model
+    four = run_configs("tiny", [0.0], False, tmp_path, ["model.n_layers=4", "model.exits=[1,2,3]"])
+    nvium4 = load_config(four[1][1], four[1][3]).model
+    base4 = load_config(four[0][1], four[0][3]).model
+    assert base4 == matched_baseline_model(nvium4) and abs(param_count(base4) / param_count(nvium4) - 1) < 0.005
