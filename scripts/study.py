@@ -100,7 +100,7 @@ def measure(name: str, run_dir: pathlib.Path, args) -> dict:
 
     cache = run_dir / "study.json"
     settings = {k: getattr(args, k) for k in ("prompts", "prompt_tokens", "max_new_tokens",
-                                              "repeats", "transplant")}
+                                              "repeats", "transplant", "quality_only")}
     if cache.is_file() and not args.remeasure:
         row = json.loads(cache.read_text())
         if row.get("settings") == settings:
@@ -112,7 +112,7 @@ def measure(name: str, run_dir: pathlib.Path, args) -> dict:
            "n_layers": record["n_layers"],
            "exit_mass": [e["mass"] for e in record["exits"]],
            "exit_ppl": [e["ppl"] for e in record["exits"]]}
-    if run.config.model.early_exits:
+    if run.config.model.early_exits and not args.quality_only:
         print(f"== decoding {run_dir} with its trained routing", file=sys.stderr)
         row["decode"] = decode_speed(run.model, held_out_prompts(run, args.prompts, args.prompt_tokens), args)
         if args.transplant != "none":
@@ -122,8 +122,8 @@ def measure(name: str, run_dir: pathlib.Path, args) -> dict:
             big = load_config(ROOT / args.transplant, ["model.dtype=float32"]).model
             if big.n_exits == run.config.model.n_exits:
                 print(f"== the same exit distribution on {args.transplant}", file=sys.stderr)
-                prompts = np.random.default_rng(0).integers(0, big.vocab_size, (1, args.prompt_tokens))
-                row["transplant"] = decode_speed(build_model(big, seed=0), prompts, args,
+                prompt = np.random.default_rng(0).integers(0, big.vocab_size, (1, args.prompt_tokens))
+                row["transplant"] = decode_speed(build_model(big, seed=0), prompt, args,
                                                  exit_rates=row["decode"]["exit_distribution"])
     cache.write_text(json.dumps(row, indent=2))
     return row
@@ -172,23 +172,25 @@ def plot(results: dict, path: pathlib.Path) -> None:
 
 
 def table(results: dict) -> str:
-    lines = ["| size | run | step | held-out ppl | ÷ baseline | E[depth]/L | exit mass (held-out) | "
-             "decode exits | speedup | ÷ dense | ideal | efficiency | 125m speedup | 125m ideal |",
-             "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| size | run | step | held-out ppl | ÷ baseline | final exit ÷ baseline | E[depth]/L "
+             "| exit mass (held-out) | decode exits | speedup | ÷ dense | ideal | efficiency "
+             "| 125m speedup | 125m ideal |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for size, res in results.items():
         b = res["baseline"]
-        lines.append(f"| {size} | baseline | {b['step']} | {b['ppl']:.3f} | 1.000 | 1.00 "
+        lines.append(f"| {size} | baseline | {b['step']} | {b['ppl']:.3f} | 1.000 | 1.000 | 1.000 "
                      f"| – | – | 1.000 | – | – | – | – | – |")
         for r in res["nvium"]:
-            d, t = r["decode"], r.get("transplant")
+            d, t = r.get("decode"), r.get("transplant")
             mass = " / ".join(f"{m:.2f}" for m in r["exit_mass"])
-            dist = " / ".join(f"{m:.2f}" for m in d["exit_distribution"])
+            speed = (f"{' / '.join(f'{m:.2f}' for m in d['exit_distribution'])} | {d['speedup']:.3f} "
+                     f"| {d['speedup_vs_dense']:.3f} | {d['ideal_speedup']:.3f} | {d['efficiency']:.3f}"
+                     if d else "– | – | – | – | –")
             big = f"{t['speedup']:.3f} | {t['ideal_speedup']:.3f}" if t else "– | –"
             lines.append(
                 f"| {size} | {r['name']} | {r['step']} | {r['ppl']:.3f} | {r['ppl'] / b['ppl']:.4f} "
-                f"| {r['expected_depth'] / r['n_layers']:.3f} | {mass} | {dist} | {d['speedup']:.3f} "
-                f"| {d['speedup_vs_dense']:.3f} | {d['ideal_speedup']:.3f} | {d['efficiency']:.3f} "
-                f"| {big} |")
+                f"| {r['exit_ppl'][-1] / b['ppl']:.3f} | {r['expected_depth'] / r['n_layers']:.3f} "
+                f"| {mass} | {speed} | {big} |")
     return "\n".join(lines)
 
 
@@ -206,6 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--transplant", default="configs/nvium-125m.yaml",
                         help="config whose shape decodes the trained exit distribution; none = skip")
     parser.add_argument("--remeasure", action="store_true")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="held-out evaluation only, no decode (ablations)")
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="applied to every run, e.g. train.steps=200")
@@ -223,7 +227,8 @@ def main(argv=None) -> int:
     for size, runs in plan.items():
         rows = [measure(name, run_dir, args) for name, _, run_dir, _ in runs]
         results[size] = {"baseline": rows[0], "nvium": rows[1:]}
-    plot(results, pathlib.Path(args.plot))
+    if not args.quality_only:
+        plot(results, pathlib.Path(args.plot))
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "command": " ".join(["python -m scripts.study", *sys.argv[1:]]), "results": results}
     (out / "study.json").write_text(json.dumps(record, indent=2))
