@@ -41,8 +41,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     exits: Optional[tuple[int, ...]] = None  # None = [L//4, L//2, 3L//4]; [] = baseline
     adapter_hidden: Optional[int] = None  # None = d_model
-    router_hidden: Optional[int] = None  # None = d_model
+    router_hidden: Optional[int] = None  # None = d_model (ours) or ≈ 0.66·d_model (reference)
     router_bias_init: float = 0.0  # initial exit-minus-continue logit of every router
+    # the exits' form: `ours` (DESIGN §1) or as the paper's code builds them (ETH-DISCO/n-vium)
+    router_head: Literal["ours", "reference"] = "ours"  # reference: MLP → RMSNorm → Linear(D→2)
+    adapter_activation: Literal["gelu", "silu"] = "gelu"
+    adapter_init: Literal["ours", "reference"] = "ours"  # W_in std: init_std | 1/√d_model
+    final_adapter: bool = False  # a residual adapter on the final exit too (the paper's code)
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     norm_eps: float = 1e-5
@@ -86,7 +91,13 @@ class ModelConfig:
 
     @property
     def router_width(self) -> int:
-        return self.d_model if self.router_hidden is None else self.router_hidden
+        """The router MLP's hidden width; the reference's default is 0.66·d_model rounded up
+        to a multiple of 8 (its configs: 128 → 88, 256 → 176, 1536 → 1016)."""
+        if self.router_hidden is not None:
+            return self.router_hidden
+        if self.router_head == "reference":
+            return 8 * -(-66 * self.d_model // 800)
+        return self.d_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +139,7 @@ class TrainConfig:
     beta_min: float = 0.0
     beta_max: float = 10.0
     router_warmup_frac: float = 0.05
+    exit_lr_mult: float = 1.0  # learning-rate multiplier of the routers and adapters
     loss_chunk: int = 256  # tokens per chunk of the vocabulary projection
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "full"
     eval_every: int = 200
@@ -376,6 +388,9 @@ def validate(config: Config) -> None:
     )
     _require(t.lr > 0, f"train.lr={t.lr} must be positive")
     _require(0 <= t.router_warmup_frac <= 1, "train.router_warmup_frac must lie in [0, 1]")
+    _require(t.exit_lr_mult >= 0,
+             f"train.exit_lr_mult={t.exit_lr_mult} must be at least 0 (1.0 = the learning rate of "
+             f"the rest; 0 freezes the routers and adapters)")
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must lie in [0, 1]")
     _require(0 < t.decay_frac <= 1, "train.decay_frac must lie in (0, 1]")
     _require(t.warmup_steps >= 0, "train.warmup_steps must be at least 0")

@@ -17,6 +17,9 @@ def randomize_exit_weights(model, seed: int = 0, scale: float = 0.5) -> None:
         k1, k2 = jax.random.split(jax.random.fold_in(key, i))
         exit_.router_out[...] = scale * jax.random.normal(k1, exit_.router_out.shape)
         exit_.adapter_out[...] = 0.2 * jax.random.normal(k2, exit_.adapter_out.shape)
+    if model.final_adapter is not None:
+        adapter_out = model.final_adapter.adapter_out
+        adapter_out[...] = 0.2 * jax.random.normal(jax.random.fold_in(key, 1000), adapter_out.shape)
 
 
 def numpy_params(model) -> dict:
@@ -29,6 +32,10 @@ def numpy_params(model) -> dict:
 
 def gelu(x):
     return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
 
 
 def rms_norm(x, scale, eps):
@@ -77,6 +84,7 @@ def naive_forward(model, tokens_BxT):
     cfg = model.config
     p = numpy_params(model)
     tokens = np.asarray(tokens_BxT)
+    act = {"gelu": gelu, "silu": silu}[cfg.adapter_activation]
     h = p["embedding"][tokens]
     exit_logp, gates_q = [], []
     for layer in range(cfg.n_layers):
@@ -90,11 +98,17 @@ def naive_forward(model, tokens_BxT):
             k = cfg.early_exits.index(layer + 1)
             e = {n[len(f"exits.{k}."):]: v for n, v in p.items() if n.startswith(f"exits.{k}.")}
             z = rms_norm(h, e["norm.scale"], cfg.norm_eps)
-            logits = gelu(z @ e["router_in"] + e["router_in_bias"]) @ e["router_out"] + e["router_out_bias"]
+            hidden = gelu(z @ e["router_in"] + e["router_in_bias"])
+            if cfg.router_head == "reference":  # MLP back to D, RMSNorm, then the head
+                hidden = hidden @ e["router_mid"] + e["router_mid_bias"]
+                hidden = rms_norm(hidden, e["router_norm.scale"], cfg.norm_eps)
+            logits = hidden @ e["router_out"] + e["router_out_bias"]
             gates_q.append(1.0 / (1.0 + np.exp(-(logits[..., 0] - logits[..., 1]))))
-            adapted = z + gelu(z @ e["adapter_in"]) @ e["adapter_out"]
+            adapted = z + act(z @ e["adapter_in"]) @ e["adapter_out"]
             exit_logp.append(log_softmax(adapted @ p["head"]))
     z = rms_norm(h, p["final_norm.scale"], cfg.norm_eps)
+    if cfg.final_adapter:
+        z = z + act(z @ p["final_adapter.adapter_in"]) @ p["final_adapter.adapter_out"]
     exit_logp.append(log_softmax(z @ p["head"]))
     weights = []  # π_k = q_k Π_{j<k}(1 − q_j), π_K = Π_{j<K}(1 − q_j)
     for k in range(len(gates_q) + 1):

@@ -124,3 +124,99 @@ def test_token_ids_outside_the_vocabulary_are_an_error(model, bad):
     tokens = np.array([[1, 2, bad]])
     with pytest.raises(ValueError, match=rf"token id {bad}.*\[0, 37\)"):
         model(tokens)
+
+
+# ---- the paper code's exits as options (model.router_head, adapter_*, final_adapter) ----
+PAPER_EXITS = dict(router_head="reference", adapter_activation="silu", adapter_init="reference",
+                   final_adapter=True)
+
+
+@pytest.mark.parametrize("options", [
+    PAPER_EXITS,
+    dict(router_head="reference", router_hidden=None),
+    dict(adapter_activation="silu", final_adapter=True),
+])
+def test_reference_exits_equal_numpy_layer_loop(small_cfg, tokens_BxT, options):
+    model = build_model(dataclasses.replace(small_cfg, **options), seed=3)
+    randomize_exit_weights(model, seed=4)
+    expected_exit_logp, expected_route_logp = naive_forward(model, tokens_BxT)
+    out = model(tokens_BxT)
+    np.testing.assert_allclose(out.exit_logp_KxBxTxV, expected_exit_logp, atol=2e-5)
+    np.testing.assert_allclose(out.route_logp_BxTxK, expected_route_logp, atol=2e-5)
+
+
+def _params(model) -> dict:
+    return {".".join(map(str, path)): np.asarray(var.get_value())
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_each_exit_option_changes_only_its_part(small_cfg, tokens_BxT):
+    D = small_cfg.d_model
+    base = build_model(small_cfg, seed=3)
+    randomize_exit_weights(base, seed=4)
+    base_params, base_out = _params(base), base(tokens_BxT)
+
+    # adapter_activation: the same weights; only the early exits' distributions move
+    silu = build_model(dataclasses.replace(small_cfg, adapter_activation="silu"), seed=3)
+    randomize_exit_weights(silu, seed=4)
+    assert _params(silu).keys() == base_params.keys()
+    out = silu(tokens_BxT)
+    np.testing.assert_array_equal(out.route_logp_BxTxK, base_out.route_logp_BxTxK)
+    np.testing.assert_array_equal(out.exit_logp_KxBxTxV[-1], base_out.exit_logp_KxBxTxV[-1])
+    assert np.abs(out.exit_logp_KxBxTxV[:-1] - base_out.exit_logp_KxBxTxV[:-1]).max() > 1e-3
+
+    # adapter_init: the same draws, W_in scaled from init_std to 1/√D; nothing else
+    ref_init = _params(build_model(dataclasses.replace(small_cfg, adapter_init="reference"), seed=3))
+    plain = _params(build_model(small_cfg, seed=3))
+    for name, value in plain.items():
+        if name.endswith("adapter_in"):
+            np.testing.assert_allclose(ref_init[name], value * (D ** -0.5 / small_cfg.init_std), rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(ref_init[name], value, err_msg=name)
+
+    # router_head: three more leaves per exit and a D→2 head; with every shared weight
+    # copied over, the exits' distributions are the same and only the routing differs
+    ref = build_model(dataclasses.replace(small_cfg, router_head="reference"), seed=3)
+    ref_params = _params(ref)
+    added = {f"exits.{k}.{leaf}" for k in range(3)
+             for leaf in ("router_mid", "router_mid_bias", "router_norm.scale")}
+    assert ref_params.keys() - base_params.keys() == added and base_params.keys() <= ref_params.keys()
+    assert ref_params["exits.0.router_out"].shape == (D, 2)
+    np.testing.assert_array_equal(ref_params["exits.0.router_out_bias"], np.float32([-0.3, 0.0]))
+    np.testing.assert_array_equal(ref_params["exits.0.router_mid_bias"], 0.0)
+    shared = nnx.to_pure_dict(nnx.state(base, nnx.Param))
+    for exit_state in shared["exits"].values():
+        for leaf in ("router_out", "router_out_bias"):
+            del exit_state[leaf]
+    nnx.update(ref, shared)
+    out = ref(tokens_BxT)
+    np.testing.assert_array_equal(out.exit_logp_KxBxTxV, base_out.exit_logp_KxBxTxV)
+    assert np.abs(out.route_logp_BxTxK - base_out.route_logp_BxTxK).max() > 1e-2
+
+
+def test_final_adapter_starts_as_the_identity_then_moves_only_the_final_exit(small_cfg, tokens_BxT):
+    base = build_model(small_cfg, seed=3)
+    randomize_exit_weights(base, seed=4)
+    model = build_model(dataclasses.replace(small_cfg, final_adapter=True), seed=3)
+    randomize_exit_weights(model, seed=4)
+    model.final_adapter.adapter_out[...] = jnp.zeros_like(model.final_adapter.adapter_out[...])
+    base_out, out = base(tokens_BxT), model(tokens_BxT)  # W_out zero: the same numbers
+    np.testing.assert_array_equal(out.exit_logp_KxBxTxV, base_out.exit_logp_KxBxTxV)
+    np.testing.assert_array_equal(out.route_logp_BxTxK, base_out.route_logp_BxTxK)
+    randomize_exit_weights(model, seed=4)  # W_out random: only the final exit moves
+    out = model(tokens_BxT)
+    np.testing.assert_array_equal(out.exit_logp_KxBxTxV[:-1], base_out.exit_logp_KxBxTxV[:-1])
+    np.testing.assert_array_equal(out.route_logp_BxTxK, base_out.route_logp_BxTxK)
+    assert np.abs(out.exit_logp_KxBxTxV[-1] - base_out.exit_logp_KxBxTxV[-1]).max() > 1e-3
+
+
+def test_reference_router_starts_near_even_odds(small_cfg):
+    """The paper code's head init, normal(0.4/√D) on an RMS-normalised input: each logit has
+    std ≈ 0.4, so the exit-minus-continue logit has std ≈ 0.4·√2 and q ≈ 0.5 on average."""
+    cfg = dataclasses.replace(small_cfg, d_model=64, router_head="reference", router_hidden=None,
+                              router_bias_init=0.0)
+    tokens = jax.random.randint(jax.random.key(0), (4, 32), 0, cfg.vocab_size)
+    q_BxTxK1 = np.asarray(build_model(cfg, seed=0).exit_states(tokens).exit_q_BxTxK1, np.float64)
+    assert np.all((q_BxTxK1.mean(axis=(0, 1)) > 0.4) & (q_BxTxK1.mean(axis=(0, 1)) < 0.6))
+    logit_std = np.log(q_BxTxK1 / (1 - q_BxTxK1)).std(axis=(0, 1))
+    assert np.all((logit_std > 0.4 * np.sqrt(2) / 2) & (logit_std < 0.4 * np.sqrt(2) * 2)), logit_std

@@ -30,14 +30,22 @@ def backbone_param_count(cfg: ModelConfig) -> int:
 
 
 def adapter_param_count(cfg: ModelConfig) -> int:
-    """An early exit's residual adapter (no biases)."""
+    """One residual adapter (no biases): an early exit's, or the final exit's."""
     return 2 * cfg.d_model * cfg.adapter_width
 
 
+def final_adapter_param_count(cfg: ModelConfig) -> int:
+    """The final exit's adapter (`model.final_adapter`), else nothing."""
+    return adapter_param_count(cfg) if cfg.final_adapter else 0
+
+
 def router_param_count(cfg: ModelConfig) -> int:
-    """An early exit's router MLP (with biases, two logits)."""
-    R = cfg.router_width
-    return (cfg.d_model * R + R) + (R * 2 + 2)
+    """An early exit's router (with biases, two logits): `ours` is D→R→2; `reference` is
+    D→R→D, an RMSNorm over D, then D→2."""
+    D, R = cfg.d_model, cfg.router_width
+    if cfg.router_head == "ours":
+        return (D * R + R) + (R * 2 + 2)
+    return (D * R + R) + (R * D + D) + D + (D * 2 + 2)
 
 
 def exit_param_count(cfg: ModelConfig) -> int:
@@ -46,7 +54,8 @@ def exit_param_count(cfg: ModelConfig) -> int:
 
 
 def param_count(cfg: ModelConfig) -> int:
-    return backbone_param_count(cfg) + len(cfg.early_exits) * exit_param_count(cfg)
+    return (backbone_param_count(cfg) + len(cfg.early_exits) * exit_param_count(cfg)
+            + final_adapter_param_count(cfg))
 
 
 def matched_baseline_d_ff(cfg: ModelConfig, multiple: int = 32, tolerance: float = 0.0025) -> int:
@@ -65,5 +74,6 @@ def matched_baseline_d_ff(cfg: ModelConfig, multiple: int = 32, tolerance: float
 
 
 def matched_baseline_model(cfg: ModelConfig) -> ModelConfig:
-    """The parameter-matched baseline of an N-vium model: no exits, FFN widened."""
-    return dataclasses.replace(cfg, exits=(), d_ff=matched_baseline_d_ff(cfg))
+    """The parameter-matched baseline of an N-vium model: no exits nor final adapter (a plain
+    transformer), FFN widened by their parameters."""
+    return dataclasses.replace(cfg, exits=(), final_adapter=False, d_ff=matched_baseline_d_ff(cfg))

@@ -1,9 +1,11 @@
 """The N-vium model: embedding, a scanned stack of blocks, early exits with routers, head.
 
-Exit k (1-based, early) reads h_{d_k}: z = RMSNorm_k(h), z' = z + W_out·gelu(W_in·z), and
+Exit k (1-based, early) reads h_{d_k}: z = RMSNorm_k(h), z' = z + W_out·act(W_in·z), and
 the shared head gives p_k = softmax(head(z')). Its router, an MLP on z alone, gives
 q_k = P(exit at k | reached k); sequential halting makes the mixture weights
 π_k = q_k Π_{j<k}(1 − q_j), π_K = Π_{j<K}(1 − q_j). The baseline is K = 1.
+`model.router_head`, `adapter_activation`, `adapter_init` and `final_adapter` choose between
+our exits and the paper code's (a deeper router head, SiLU, an adapter on the final exit).
 """
 
 from __future__ import annotations
@@ -51,20 +53,52 @@ def _gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)  # the erf form, as PyTorch's nn.GELU
 
 
-class EarlyExit(nnx.Module):
-    """Per-exit norm, zero-initialised residual adapter and sequential-halting router."""
+_ACTIVATIONS = {"gelu": _gelu, "silu": jax.nn.silu}
+
+
+class ResidualAdapter(nnx.Module):
+    """z + W_out·act(W_in·z), no biases; W_out zero at init, so it starts as the identity."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype):
-        D, A, R, pd = cfg.d_model, cfg.adapter_width, cfg.router_width, cfg.param_dtype
-        self.norm = RMSNorm(cfg, dtype)
-        self.adapter_in = param(rngs, (D, A), ("embed", "adapter"), cfg.init_std, pd)
+        D, A, pd = cfg.d_model, cfg.adapter_width, cfg.param_dtype
+        in_std = cfg.init_std if cfg.adapter_init == "ours" else D ** -0.5  # reference: 1/√fan_in
+        self.adapter_in = param(rngs, (D, A), ("embed", "adapter"), in_std, pd)
         self.adapter_out = param(rngs, (A, D), ("adapter", "embed"), 0.0, pd)
+        self.activation = cfg.adapter_activation
+        self.dtype = dtype
+
+    def adapt(self, z_BxTxD: jax.Array) -> jax.Array:
+        dt = self.dtype
+        z = z_BxTxD.astype(dt)
+        hidden = _ACTIVATIONS[self.activation](z @ self.adapter_in[...].astype(dt))
+        return z + hidden @ self.adapter_out[...].astype(dt)
+
+
+class EarlyExit(ResidualAdapter):
+    """Per-exit norm, zero-initialised residual adapter and sequential-halting router (a
+    subclass, so the adapter's weights sit beside the router's as they always have).
+
+    Router `ours`: Linear(D→R) → GELU → Linear(R→2), the last zero at init. `reference` (the
+    paper's code): Linear(D→R) → GELU → Linear(R→D) (bias zero) → RMSNorm → Linear(D→2), the
+    last normal(0.4/√D) with bias 0, so q ≈ 0.5 ± 0.15 per token at init. Either way the
+    exit-minus-continue bias starts at router_bias_init."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype):
+        D, R, pd = cfg.d_model, cfg.router_width, cfg.param_dtype
+        self.norm = RMSNorm(cfg, dtype)
+        super().__init__(cfg, rngs, dtype)
         self.router_in = param(rngs, (D, R), ("embed", "router"), cfg.init_std, pd)
         self.router_in_bias = constant_param(jnp.zeros(R), ("router",), pd)
-        self.router_out = param(rngs, (R, 2), ("router", None), 0.0, pd)
+        if cfg.router_head == "ours":
+            self.router_out = param(rngs, (R, 2), ("router", None), 0.0, pd)
+        else:
+            self.router_mid = param(rngs, (R, D), ("router", "embed"), cfg.init_std, pd)
+            self.router_mid_bias = constant_param(jnp.zeros(D), ("embed",), pd)
+            self.router_norm = RMSNorm(cfg, dtype)
+            self.router_out = param(rngs, (D, 2), ("embed", None), 0.4 * D ** -0.5, pd)
         # logits (exit, continue): the exit-minus-continue logit starts at router_bias_init
         self.router_out_bias = constant_param([cfg.router_bias_init, 0.0], (None,), pd)
-        self.dtype = dtype
+        self.router_head = cfg.router_head
 
     def gate_logp(self, z_BxTxD: jax.Array) -> jax.Array:
         """[log q, log(1 − q)] per position, float32, from the normalised state only."""
@@ -72,15 +106,13 @@ class EarlyExit(nnx.Module):
         hidden = _gelu(
             z_BxTxD.astype(dt) @ self.router_in[...].astype(dt) + self.router_in_bias[...].astype(dt)
         )
+        if self.router_head == "reference":
+            hidden = hidden @ self.router_mid[...].astype(dt) + self.router_mid_bias[...].astype(dt)
+            hidden = self.router_norm(hidden)
         logits_BxTx2 = jnp.matmul(
             hidden, self.router_out[...].astype(dt), preferred_element_type=jnp.float32
         ) + self.router_out_bias[...].astype(jnp.float32)
         return jax.nn.log_softmax(logits_BxTx2, axis=-1)
-
-    def adapt(self, z_BxTxD: jax.Array) -> jax.Array:
-        dt = self.dtype
-        z = z_BxTxD.astype(dt)
-        return z + _gelu(z @ self.adapter_in[...].astype(dt)) @ self.adapter_out[...].astype(dt)
 
 
 def route_logp_from_gates(gate_logp_BxTxK1x2: jax.Array) -> jax.Array:
@@ -105,6 +137,8 @@ class Nvium(nnx.Module):
         self.exits = nnx.List([EarlyExit(cfg, rngs, dtype) for _ in cfg.early_exits])
         self.final_norm = RMSNorm(cfg, dtype)
         self.head = param(rngs, (D, V), ("embed", "vocab"), cfg.init_std, pd)
+        # drawn last, so the other weights of a seed are those of a model without it
+        self.final_adapter = ResidualAdapter(cfg, rngs, dtype) if cfg.final_adapter else None
 
     # ---- pieces shared by training and decoding -------------------------------------
     def embed(self, tokens_BxT: jax.Array) -> jax.Array:
@@ -180,8 +214,11 @@ class Nvium(nnx.Module):
         return self.exits[k].norm(h_BxTxD)
 
     def exit_state(self, k: int, z_BxTxD: jax.Array) -> jax.Array:
-        """What the shared head reads at exit k: z' (early, adapted) or the final z."""
-        return z_BxTxD if k == len(self.exits) else self.exits[k].adapt(z_BxTxD)
+        """What the shared head reads at exit k: z' (early, adapted), or the final z (adapted
+        too with `model.final_adapter`) — training, evaluation and decoding all call this."""
+        if k < len(self.exits):
+            return self.exits[k].adapt(z_BxTxD)
+        return z_BxTxD if self.final_adapter is None else self.final_adapter.adapt(z_BxTxD)
 
     def gate_logp(self, k: int, z_BxTxD: jax.Array) -> jax.Array:
         return self.exits[k].gate_logp(z_BxTxD)

@@ -1,4 +1,5 @@
-"""AdamW with warmup + cosine or warmup-stable-decay, global-norm clipping, a decay mask."""
+"""AdamW with warmup + cosine or warmup-stable-decay, global-norm clipping, a decay mask,
+and a learning-rate multiplier for the routers and adapters."""
 
 from __future__ import annotations
 
@@ -44,8 +45,36 @@ def decay_mask(params: dict, decay_embeddings: bool) -> dict:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _name(key) -> str:
+    return str(getattr(key, "key", getattr(key, "idx", key)))
+
+
+def exit_lr_mask(params: dict) -> dict:
+    """The leaves `train.exit_lr_mult` scales: every router and adapter (early exits' and the
+    final one's); not the exits' norms."""
+
+    def scaled(path, leaf) -> bool:
+        names = [_name(key) for key in path]
+        return names[0] == "final_adapter" or (names[0] == "exits" and names[2] != "norm")
+
+    return jax.tree_util.tree_map_with_path(scaled, params)
+
+
+def _scale_masked(inner: optax.GradientTransformation, mult: float) -> optax.GradientTransformation:
+    """`inner` with the updates of the `exit_lr_mask` leaves times `mult` — the same as their
+    learning rate times `mult` (AdamW's update, decay included, is linear in it). Stateless,
+    so the optimizer state is the same for every `mult` (a resume may change it)."""
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(updates, state, params)
+        mask = exit_lr_mask(updates)
+        return jax.tree.map(lambda u, m: u * mult if m else u, updates, mask), state
+
+    return optax.GradientTransformation(inner.init, update)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    return optax.chain(
+    optimizer = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(
             lr_schedule(cfg),
@@ -56,3 +85,4 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
             mask=lambda params: decay_mask(params, cfg.decay_embeddings),
         ),
     )
+    return optimizer if cfg.exit_lr_mult == 1.0 else _scale_masked(optimizer, cfg.exit_lr_mult)
