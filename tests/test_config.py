@@ -50,11 +50,36 @@ def test_overrides_are_parsed_as_yaml():
         ("mesh.data=0", r"mesh\.data=0 must be a positive size or -1"),
         ("mesh.data=-1", r"at most one of mesh\.data, mesh\.fsdp, mesh\.tensor may be -1"),
         ("decode.window=0", r"decode\.window=0 must be at least 1"),
+        ("model.router_head=deep", r"model\.router_head='deep' is not allowed; choose one of ours, reference"),
+        ("model.adapter_activation=relu", r"choose one of gelu, silu"),
+        ("model.adapter_init=xavier", r"model\.adapter_init='xavier' is not allowed; choose one of ours, reference"),
+        ("model.final_adapter=1", r"model\.final_adapter=1 is not valid; expected true or false"),
+        ("train.exit_lr_mult=-0.5", r"train\.exit_lr_mult=-0\.5 must be at least 0"),
+        ("train.exit_lr_mult=fast", r"train\.exit_lr_mult='fast' is not valid; expected a number"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, ["model.n_layers=4", "model.exits=[1,2,3]", override])
+
+
+def test_exit_options_default_to_ours_and_parse():
+    default = load_config(TINY)
+    m = default.model
+    assert (m.router_head, m.adapter_activation, m.adapter_init, m.final_adapter) == ("ours", "gelu", "ours", False)
+    assert default.train.exit_lr_mult == 1.0 and m.router_width == m.d_model == 128
+    config = load_config(TINY, ["model.router_head=reference", "model.adapter_activation=silu",
+                                "model.adapter_init=reference", "model.final_adapter=true",
+                                "train.exit_lr_mult=3"])
+    m = config.model
+    assert (m.router_head, m.adapter_activation, m.adapter_init, m.final_adapter) == (
+        "reference", "silu", "reference", True)
+    assert config.train.exit_lr_mult == 3.0 and isinstance(config.train.exit_lr_mult, float)
+    assert config_from_dict(config_to_dict(config)) == config
+    # the reference router's width: 0.66·D rounded up to 8, as the paper's configs have it
+    for d_model, width in ((128, 88), (256, 176), (1536, 1016)):
+        assert load_config(TINY, ["model.router_head=reference", f"model.d_model={d_model}"]).model.router_width == width
+    assert load_config(TINY, ["model.router_head=reference", "model.router_hidden=40"]).model.router_width == 40
 
 
 def test_bad_files(tmp_path):

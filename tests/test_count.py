@@ -9,6 +9,7 @@ from flax import nnx
 
 from nvium_jax.config import load_config
 from nvium_jax.model import build_model, matched_baseline_d_ff, param_count
+from nvium_jax.model.count import matched_baseline_model
 from scripts.param_table import SIZES, table
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -40,3 +41,34 @@ def test_paper_1p5b_shape():
 
 def test_readme_lists_the_formula_table():
     assert table() in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("router_head", ["ours", "reference"])
+@pytest.mark.parametrize("final_adapter", [False, True])
+@pytest.mark.parametrize("adapter", [("gelu", "ours"), ("silu", "reference")])
+def test_exit_options_are_counted_and_matched(router_head, final_adapter, adapter):
+    """Every option combination: the formula equals the built model's leaves, and the matched
+    baseline (a plain transformer: no exits, no final adapter) stays within 0.5%."""
+    tiny = load_config(ROOT / "configs/nvium-tiny.yaml").model
+    cfg = dataclasses.replace(tiny, router_head=router_head, final_adapter=final_adapter,
+                              adapter_activation=adapter[0], adapter_init=adapter[1])
+    assert abstract_param_count(cfg) == param_count(cfg)
+    baseline = matched_baseline_model(cfg)
+    assert baseline.early_exits == () and not baseline.final_adapter
+    assert abstract_param_count(baseline) == param_count(baseline)
+    assert abs(param_count(baseline) / param_count(cfg) - 1) < 0.005
+
+
+def test_reference_router_and_final_adapter_by_hand():
+    """D = 128: the reference router is D→88 (+bias), 88→D (+bias), a norm over D, D→2 (+bias);
+    the final adapter is one more D→A→D pair."""
+    tiny = load_config(ROOT / "configs/nvium-tiny.yaml").model
+    D, A, K1 = tiny.d_model, tiny.adapter_width, len(tiny.early_exits)
+    assert D == 128 and tiny.router_width == D
+    ref = dataclasses.replace(tiny, router_head="reference")
+    assert ref.router_width == 88
+    router_ours, router_ref = D * D + D + 2 * D + 2, (D * 88 + 88) + (88 * D + D) + D + (2 * D + 2)
+    assert param_count(ref) - param_count(tiny) == K1 * (router_ref - router_ours)
+    with_final = dataclasses.replace(tiny, final_adapter=True)
+    assert param_count(with_final) - param_count(tiny) == 2 * D * A
+    assert matched_baseline_d_ff(with_final) > matched_baseline_d_ff(tiny)
