@@ -130,6 +130,7 @@ def test_import_reproduces_the_llama(tmp_path, variant):
     assert summary["exits"] == [1, 2, 3] and summary["tied_embeddings"] == tied
     run = nvium_jax.load_run(tmp_path / "run")
     assert run.step == 0 and run.model.config.n_kv_heads == 2 and run.model.config.rope_theta == 500.0
+    assert not run.model.config.final_adapter and run.model.final_adapter is None  # a Llama has none
     stored = load_file(str(next(src.glob("*.safetensors")))) if dtype is not None else None
     if dtype is not None:  # the reference reads the very bf16 values the file holds
         tensors = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in tensors.items()}
@@ -246,3 +247,21 @@ def test_bad_checkpoints_are_refused_in_one_line(tmp_path, capsys):
     assert sorted(p.name for p in taken.iterdir()) == ["keep.txt"]
     assert main(["convert", "hf-import", str(good), "--out", str(tmp_path / "x"), "--exits", "2,9"]) == 2
     assert "--exits [2, 9]" in capsys.readouterr().err
+
+
+def test_export_of_a_run_with_a_final_adapter_is_refused_in_one_line(tmp_path, capsys):
+    """A Llama has no adapter on its final exit: hf-export names the key before it reads a
+    checkpoint, and writes nothing."""
+    import pathlib
+
+    from nvium_jax.config import load_config
+    from tests.conftest import write_yaml
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    tiny = pathlib.Path(__file__).resolve().parent.parent / "configs/nvium-tiny.yaml"
+    write_yaml(load_config(tiny, ["model.final_adapter=true"]), run_dir / "config.yaml")
+    assert main(["convert", "hf-export", str(run_dir), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "model.final_adapter=true" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "hf").exists()

@@ -252,10 +252,14 @@ def hf_export(run_dir, out, dtype: str = "float32", step: Optional[int] = None) 
     from flax import nnx
     from safetensors.numpy import save_file
 
-    from nvium_jax.runs import load_run
+    from nvium_jax.runs import load_run, read_run_config
 
     if dtype not in ("float32", "bfloat16"):
         raise ConvertError(f"--dtype {dtype}: give float32 or bfloat16")
+    if read_run_config(pathlib.Path(run_dir)).model.final_adapter:
+        raise ConvertError(f"{run_dir} was trained with model.final_adapter=true: a Llama has no "
+                           f"adapter on its final exit, so it cannot be exported; export a run with "
+                           f"model.final_adapter=false")
     out = pathlib.Path(out)
     _check_out(out)
     run = load_run(run_dir, step)
