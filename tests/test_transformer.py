@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nvium_jax.config import ModelConfig
 from nvium_jax.model import build_model, mixture_logprobs
 from tests.reference import mixture_logp_naive, naive_forward, randomize_exit_weights
 
@@ -220,3 +221,22 @@ def test_reference_router_starts_near_even_odds(small_cfg):
     assert np.all((q_BxTxK1.mean(axis=(0, 1)) > 0.4) & (q_BxTxK1.mean(axis=(0, 1)) < 0.6))
     logit_std = np.log(q_BxTxK1 / (1 - q_BxTxK1)).std(axis=(0, 1))
     assert np.all((logit_std > 0.4 * np.sqrt(2) / 2) & (logit_std < 0.4 * np.sqrt(2) * 2)), logit_std
+
+
+@pytest.mark.slow
+def test_deferred_decode_equals_dense_with_the_paper_exits():
+    """The reference router head, SiLU adapters and a final adapter reach decoding through
+    the model's exit methods: deferred (with its delayed layers) draws what dense draws."""
+    from nvium_jax.inference import generate
+
+    cfg = ModelConfig(vocab_size=37, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48,
+                      context=64, exits=(1,), adapter_hidden=24, dtype="float32", **PAPER_EXITS)
+    model = build_model(cfg, seed=0)
+    randomize_exit_weights(model, seed=1, scale=0.3)
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    dense = generate(model, prompts, 16, seed=0, decode="dense")
+    deferred = generate(model, prompts, 16, seed=0)
+    np.testing.assert_array_equal(deferred.tokens_BxN, dense.tokens_BxN)
+    np.testing.assert_array_equal(deferred.exits_BxN, dense.exits_BxN)
+    exits = np.asarray(deferred.exits_BxN).ravel()
+    assert 0.2 <= np.mean(exits == 0) <= 0.8  # both exits drawn: the second layer deferred
