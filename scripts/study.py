@@ -45,7 +45,7 @@ def run_configs(size: str, betas: list[float], match: bool, out: pathlib.Path, o
     nvium = ROOT / f"configs/nvium-{size}.yaml"
     d_ff = matched_baseline_d_ff(load_config(nvium, overrides).model)
     runs = [("baseline", ROOT / f"configs/baseline-{size}.yaml", base,
-             ["model.exits=[]", f"model.d_ff={d_ff}"])]
+             ["model.exits=[]", "model.final_adapter=false", f"model.d_ff={d_ff}"])]
     runs += [(f"β={b:g}", nvium, out / size / f"beta{b:g}", [f"train.beta={b}"]) for b in betas]
     if match:
         runs.append(("matched β", nvium, out / size / "match", [f"train.beta_match={base}"]))

@@ -1,6 +1,7 @@
 """The decode benchmark: forced exit rates, run counters against a count from the exits
 themselves, and the `nvium bench decode` JSON."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -85,3 +86,11 @@ def test_bench_decode_cli_json(capsys):
     assert 1.0 < record["ideal_speedup"] < 4.0
     assert main(args[:-3] + ["--exit-rates", "0.5,0.5"]) == 2
     assert "has 2 numbers but the model has 4 exits" in capsys.readouterr().err
+
+
+def test_byte_costs_count_the_final_adapter():
+    with_adapter = dataclasses.replace(CFG, final_adapter=True)
+    D, A = CFG.d_model, CFG.adapter_width
+    assert byte_costs(CFG).adapter_K[-1] == 4 * D  # the final norm alone
+    assert byte_costs(with_adapter).adapter_K[-1] == 4 * (D + 2 * D * A)
+    assert byte_costs(with_adapter).adapter_K[:-1] == byte_costs(CFG).adapter_K[:-1]

@@ -32,7 +32,8 @@ def test_the_runs_share_tokens_and_the_matched_run_reads_the_baseline(tmp_path):
     # the baseline of the shipped pair is the shipped baseline; overridden, the matched one
     configs = [load_config(path, overrides) for _, path, _, overrides in runs]
     assert configs[0].model == load_config(ROOT / "configs/baseline-tiny.yaml").model
-    four = run_configs("tiny", [0.0], False, tmp_path, ["model.n_layers=4", "model.exits=[1,2,3]"])
+    four = run_configs("tiny", [0.0], False, tmp_path,
+                       ["model.n_layers=4", "model.exits=[1,2,3]", "model.final_adapter=true"])
     nvium4 = load_config(four[1][1], four[1][3]).model
     base4 = load_config(four[0][1], four[0][3]).model
     assert base4 == matched_baseline_model(nvium4) and abs(param_count(base4) / param_count(nvium4) - 1) < 0.005

@@ -29,8 +29,9 @@ def xla_flops_per_token(cfg: ModelConfig, batch: int = 2) -> float:
 
 
 # XLA counts a scan body once, so every segment here is one layer long (a scan of length 1)
-@pytest.mark.parametrize("cfg", [BASE, dataclasses.replace(BASE, n_layers=1, exits=())],
-                         ids=["nvium", "baseline"])
+@pytest.mark.parametrize("cfg", [BASE, dataclasses.replace(BASE, n_layers=1, exits=()),
+                                 dataclasses.replace(BASE, final_adapter=True)],
+                         ids=["nvium", "baseline", "final_adapter"])
 def test_train_flops_formula_matches_xla_count(cfg):
     assert xla_flops_per_token(cfg) == pytest.approx(train_flops_per_token(cfg, cfg.context), rel=0.03)
 

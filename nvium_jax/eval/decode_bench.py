@@ -35,6 +35,7 @@ from nvium_jax.inference import generate
 from nvium_jax.model import build_model
 from nvium_jax.model.count import (
     adapter_param_count,
+    final_adapter_param_count,
     block_param_count,
     kv_values_per_token,
     matched_baseline_model,
@@ -80,7 +81,7 @@ class ByteCosts:
 
     segment_K: tuple[float, ...]  # weights of each segment's layers
     router_K: tuple[float, ...]  # router MLP of each early exit (0 for the final)
-    adapter_K: tuple[float, ...]  # norm + adapter of each early exit, final norm for the last
+    adapter_K: tuple[float, ...]  # norm + adapter of each exit (the final's adapter if it has one)
     head: float
     kv_per_layer_position: float
 
@@ -91,7 +92,8 @@ def byte_costs(cfg: ModelConfig) -> ByteCosts:
     return ByteCosts(
         segment_K=tuple(size * block_param_count(cfg) * (stop - start) for start, stop in cfg.segments),
         router_K=tuple([size * router_param_count(cfg)] * early + [0.0]),
-        adapter_K=tuple([size * (D + adapter_param_count(cfg))] * early + [size * D]),
+        adapter_K=tuple([size * (D + adapter_param_count(cfg))] * early
+                        + [size * (D + final_adapter_param_count(cfg))]),
         head=size * D * cfg.vocab_size,
         kv_per_layer_position=size * kv_values_per_token(cfg),
     )

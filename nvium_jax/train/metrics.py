@@ -12,7 +12,9 @@ import jax
 import rich.console
 
 from nvium_jax.config import Config, ModelConfig, config_to_dict
-from nvium_jax.model.count import adapter_param_count, block_matmul_param_count, router_param_count
+from nvium_jax.model.count import (
+    adapter_param_count, block_matmul_param_count, final_adapter_param_count, router_param_count,
+)
 from nvium_jax.paths import atomic_write_text
 
 # dense bf16 peak FLOP/s per device, by jax device_kind prefix
@@ -34,11 +36,13 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
     Forward, per token: 2·(matmul weights of the L blocks) + attention 2·2·L·T·H·E
     (QKᵀ and AV over the whole window, as PaLM counts it) + K head projections 2·K·D·V
-    (N-vium evaluates the shared head at every exit) + the K−1 adapters and routers.
+    (N-vium evaluates the shared head at every exit) + the K−1 adapters and routers (and
+    the final exit's adapter under `model.final_adapter`).
     The embedding lookup is free.
     """
     D, E, L = cfg.d_model, cfg.head_dim, cfg.n_layers
-    exits = len(cfg.early_exits) * (adapter_param_count(cfg) + router_param_count(cfg))
+    exits = (len(cfg.early_exits) * (adapter_param_count(cfg) + router_param_count(cfg))
+             + final_adapter_param_count(cfg))
     forward = 2 * (L * block_matmul_param_count(cfg) + cfg.n_exits * D * cfg.vocab_size + exits)
     forward += 4 * L * seq_len * cfg.n_heads * E
     return 3.0 * forward
