@@ -133,10 +133,19 @@ def _bench_decode(args: argparse.Namespace) -> int:
         model, batch=args.batch, prompt_tokens=args.prompt_tokens,
         max_new_tokens=args.max_new_tokens, exit_rates=rates, repeats=args.repeats,
         window=decode.window if args.window is None else args.window, schedule=args.schedule,
-        attention=decode.attention,
+        attention=decode.attention, **_sampler_args(args),
     )
     _print_record(record, args.json)
     return 0
+
+
+def _sampler_args(args: argparse.Namespace) -> dict:
+    """`generate`'s sampler arguments from --sampling, --temperature, --top-k, --top-p and
+    --router-temperature (unset: 1, none, none, 1)."""
+    return dict(sampling=args.sampling,
+                temperature=1.0 if args.temperature is None else args.temperature,
+                top_k=args.top_k, top_p=args.top_p,
+                router_temperature=1.0 if args.router_temperature is None else args.router_temperature)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -144,17 +153,18 @@ def _generate(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from nvium_jax.inference import generate
+    from nvium_jax.inference import DecodeOptions, generate
     from nvium_jax.inference.decode import non_exact_options
     from nvium_jax.runs import load_run
 
     non_exact = non_exact_options(args.temperature, args.top_k, args.top_p)
     decode = args.decode
-    if decode is None:
-        decode = "dense" if non_exact else "deferred"
-        if non_exact:
-            print(f"note: {', '.join(non_exact)} needs every exit's head: decoding with --decode dense",
-                  file=sys.stderr)
+    if decode is None:  # per-exit sampling decodes deferred with every option
+        decode = "dense" if non_exact and args.sampling == "mixture" else "deferred"
+        if decode == "dense":
+            print(f"note: {', '.join(non_exact)} on the mixture needs every exit's head: decoding "
+                  f"with --decode dense (--sampling exit applies it to the chosen exit and stays "
+                  f"deferred)", file=sys.stderr)
     if args.prompts_file is not None:
         try:
             texts = [line.rstrip("\n") for line in open(args.prompts_file, encoding="utf-8")]
@@ -182,10 +192,9 @@ def _generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = generate(
         run.model, prompts, args.max_new_tokens, seed=args.seed, decode=decode,
-        window=run.config.decode.window, eos_id=run.eos_id,
-        temperature=1.0 if args.temperature is None else args.temperature,
-        top_k=args.top_k, top_p=args.top_p, attention=run.config.decode.attention,
-        on_tokens=stream if streaming else None,
+        window=run.config.decode.window, eos_id=run.eos_id, **_sampler_args(args),
+        options=DecodeOptions(attention=run.config.decode.attention,
+                              on_tokens=stream if streaming else None),
     )
     seconds = time.perf_counter() - start
     samples = []
@@ -208,7 +217,7 @@ def _generate(args: argparse.Namespace) -> int:
     mix = (", exits " + " ".join(f"{x:.2f}" for x in np.bincount(exits, minlength=run.model.config.n_exits)
                                  / exits.size)) if exits.size else ""
     print(f"[{int(out.lengths_B.sum())} tokens, {tokens_per_s:.1f} tokens/s incl. compile, "
-          f"{out.flushes} flushes, decode={decode}{mix}]", file=sys.stderr)
+          f"{out.flushes} flushes, decode={decode}, sampling={args.sampling}{mix}]", file=sys.stderr)
     return 0
 
 
@@ -309,6 +318,24 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sampler_flags(parser: argparse.ArgumentParser, note: str) -> None:
+    parser.add_argument(
+        "--sampling", choices=["mixture", "exit"], default="mixture",
+        help="mixture: the exact learned distribution (temperature/top-k/top-p act on the whole "
+             "mixture and need --decode dense); exit: the paper's decoder — route first (gate k "
+             "exits when u < sigmoid(logit/R)), then sample the chosen exit with the head "
+             f"transform; deferred with every option ({note})")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="head temperature, 0 = greedy (with --sampling mixture: dense only)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="keep the k likeliest tokens (with --sampling mixture: dense only)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="nucleus mass (with --sampling mixture: dense only)")
+    parser.add_argument("--router-temperature", type=float, default=None, metavar="R",
+                        help="--sampling exit only: 0 = exit where the exit logit wins, 1 = the "
+                             "learned gate (default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nvium",
@@ -378,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_decode.add_argument("--window", type=int, default=None, help="default: decode.window")
     bench_decode.add_argument("--schedule", choices=["advance", "lockstep", "wait", "wait+advance"],
                               default="advance", help="how a batch shares deep segments (README)")
+    _add_sampler_flags(bench_decode, "all three paths use it (the baseline: the same head "
+                                     "transform)")
     bench_decode.add_argument("--json", action="store_true")
     bench_decode.set_defaults(handler=_bench_decode)
 
@@ -393,10 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--decode", choices=["deferred", "dense"], default=None,
-                     help="default deferred; dense when a non-exact sampler is asked for")
-    gen.add_argument("--temperature", type=float, default=None, help="0 = greedy (dense only)")
-    gen.add_argument("--top-k", type=int, default=None, help="dense only")
-    gen.add_argument("--top-p", type=float, default=None, help="dense only")
+                     help="default deferred; dense when the mixture gets a non-exact sampler")
+    _add_sampler_flags(gen, "default mixture")
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(handler=_generate)
 

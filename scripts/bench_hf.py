@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     import torch
 
     from nvium_jax.config import load_config
-    from nvium_jax.inference import generate
+    from nvium_jax.inference import DecodeOptions, generate
     from nvium_jax.model import build_model
     from nvium_jax.model.count import matched_baseline_model
 
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     def jax_decode():
         timings = {}
-        generate(ours, prompts, N, decode="dense", timings=timings)
+        generate(ours, prompts, N, decode="dense", options=DecodeOptions(timings=timings))
         return timings["decode_s"]
 
     hf(N), hf(1), jax_decode()  # warm up and compile

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from nvium_jax.config import ModelConfig
-from nvium_jax.inference import flush, generate
+from nvium_jax.inference import DecodeOptions, flush, generate
 from nvium_jax.inference.sampling import truncate_logits
 from nvium_jax.model import build_model, mixture_logprobs
 from tests.reference import randomize_exit_weights
@@ -54,7 +54,7 @@ def test_deferred_equals_dense(model, prompts, window, schedule):
     for seed in (0, 1, 2):
         dense = generate(model, prompts, 64, seed=seed, decode="dense")
         deferred = generate(
-            model, prompts, 64, seed=seed, window=window, schedule=schedule
+            model, prompts, 64, seed=seed, window=window, options=DecodeOptions(schedule=schedule)
         )
         np.testing.assert_array_equal(deferred.tokens_BxN, dense.tokens_BxN)
         np.testing.assert_array_equal(deferred.exits_BxN, dense.exits_BxN)
@@ -75,7 +75,7 @@ def test_packed_batch_of_eight_equals_dense(model, schedule):
     rng = np.random.default_rng(3)
     batch = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (5, 1, 9, 2, 14, 3, 7, 4)]
     dense = generate(model, batch, 40, seed=7, decode="dense")
-    deferred = generate(model, batch, 40, seed=7, window=4, schedule=schedule)
+    deferred = generate(model, batch, 40, seed=7, window=4, options=DecodeOptions(schedule=schedule))
     np.testing.assert_array_equal(deferred.tokens_BxN, dense.tokens_BxN)
     np.testing.assert_array_equal(deferred.exits_BxN, dense.exits_BxN)
     assert np.mean(deferred.exits_BxN < CFG.n_exits - 1) >= 0.2 and np.mean(deferred.exits_BxN > 0) >= 0.2
@@ -83,20 +83,17 @@ def test_packed_batch_of_eight_equals_dense(model, schedule):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["advance", "lockstep"])
-def test_rows_whose_blocks_do_not_fit_a_run_wait_their_turn(model, schedule, monkeypatch):
+def test_rows_whose_blocks_do_not_fit_a_run_wait_their_turn(model, schedule):
     """Runs capped at 8 tokens for 8 rows (W = 4): gated rows and flushes that do not fit
     wait for a later iteration, taking turns; the tokens stay those of dense."""
     from nvium_jax.inference import decode as D
 
-    real = D.decode_options
-    monkeypatch.setattr(D, "decode_options",
-                        lambda *a, **k: dataclasses.replace(real(*a, **k), max_run_tokens=8))
+    options = DecodeOptions(schedule=schedule, max_run_tokens=8)
     rng = np.random.default_rng(4)
     batch = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (5, 1, 9, 2, 14, 3, 7, 4)]
     dense = generate(model, batch, 40, seed=3, decode="dense")
-    deferred = generate(model, batch, 40, seed=3, window=4, schedule=schedule, return_state=True)
-    assert D.decode_options(model, 8, 40, "deferred", 4, 1.0, None, None, schedule, None, 8,
-                            "auto").run_shapes[-1] == (8, 4)
+    deferred = generate(model, batch, 40, seed=3, window=4, return_state=True, options=options)
+    assert D.loop_options(model, 8, 40, "deferred", 4, options=options).run_shapes[-1] == (8, 4)
     np.testing.assert_array_equal(deferred.tokens_BxN, dense.tokens_BxN)
     np.testing.assert_array_equal(deferred.exits_BxN, dense.exits_BxN)
     # rows waited: more iterations than the longest row's tokens, and flushes happened
@@ -144,17 +141,21 @@ def test_rows_are_independent_and_stop_on_their_own(model, prompts):
 
 def test_streaming_chunks_equal_one_loop(model, prompts):
     seen = []
-    streamed = generate(model, prompts, 64, seed=9, window=3, schedule="wait+advance",
-                        on_tokens=lambda tokens, n: seen.append(n.copy()), stream_every=16)
-    whole = generate(model, prompts, 64, seed=9, window=3, schedule="wait+advance")
+    options = DecodeOptions(schedule="wait+advance", stream_every=16,
+                            on_tokens=lambda tokens, n: seen.append(n.copy()))
+    streamed = generate(model, prompts, 64, seed=9, window=3, options=options)
+    whole = generate(model, prompts, 64, seed=9, window=3,
+                     options=DecodeOptions(schedule="wait+advance"))
     np.testing.assert_array_equal(streamed.tokens_BxN, whole.tokens_BxN)
     assert len(seen) == 5 and (np.diff(np.array(seen), axis=0) >= 0).all()
 
 
 @pytest.mark.slow
 def test_pallas_attention_in_the_loop(model, prompts):
-    pallas = generate(model, prompts[1:2], 4, seed=2, window=2, attention="pallas")
-    reference = generate(model, prompts[1:2], 4, seed=2, window=2, attention="reference")
+    pallas = generate(model, prompts[1:2], 4, seed=2, window=2,
+                      options=DecodeOptions(attention="pallas"))
+    reference = generate(model, prompts[1:2], 4, seed=2, window=2,
+                         options=DecodeOptions(attention="reference"))
     np.testing.assert_array_equal(pallas.tokens_BxN, reference.tokens_BxN)
     np.testing.assert_array_equal(pallas.exits_BxN, reference.exits_BxN)
 
@@ -181,12 +182,55 @@ def test_top_k_and_top_p_keep_the_likeliest_tokens():
     assert kept(top_k=None, top_p=0.1)[0].sum() == 1 and kept(top_k=None, top_p=0.5)[1].sum() >= 3
 
 
-def test_baseline_model_decodes_like_its_dense_pass():
-    base = build_model(dataclasses.replace(CFG, exits=()), seed=0)
-    deferred = generate(base, [[1, 2, 3]], 8, seed=1)
-    dense = generate(base, [[1, 2, 3]], 8, seed=1, decode="dense")
+@pytest.fixture(scope="module")
+def baseline():
+    return build_model(dataclasses.replace(CFG, exits=()), seed=0)
+
+
+def test_baseline_model_decodes_like_its_dense_pass(baseline):
+    deferred = generate(baseline, [[1, 2, 3]], 8, seed=1)
+    dense = generate(baseline, [[1, 2, 3]], 8, seed=1, decode="dense")
     np.testing.assert_array_equal(deferred.tokens_BxN, dense.tokens_BxN)
     assert (deferred.exits_BxN == 0).all() and deferred.flushes == 0
+
+
+@pytest.mark.parametrize("option", [
+    dict(temperature=0.0), dict(top_k=5),
+    pytest.param(dict(temperature=0.6), marks=pytest.mark.slow),
+    pytest.param(dict(top_p=0.9), marks=pytest.mark.slow),
+    pytest.param(dict(temperature=0.6, top_k=5, top_p=0.9), marks=pytest.mark.slow),
+], ids=lambda option: ",".join(f"{k}={v}" for k, v in option.items()))
+def test_baseline_decodes_with_every_option(baseline, option):
+    """One exit: the transformed mixture is the head transform of that exit, so the mixture
+    (dense only), per-exit deferred and per-exit dense return the same tokens."""
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    mixture = generate(baseline, prompts, 8, seed=2, decode="dense", **option)
+    exit_dense = generate(baseline, prompts, 8, seed=2, decode="dense", sampling="exit", **option)
+    exit_deferred = generate(baseline, prompts, 8, seed=2, sampling="exit", **option)
+    np.testing.assert_array_equal(exit_dense.tokens_BxN, mixture.tokens_BxN)
+    np.testing.assert_array_equal(exit_deferred.tokens_BxN, mixture.tokens_BxN)
+    assert (mixture.exits_BxN == -2).all() and (exit_deferred.exits_BxN == 0).all()
+    assert (mixture.tokens_BxN >= 0).all()
+    if option.get("temperature") == 0.0:  # greedy: the argmax of one full pass
+        for b, prompt in enumerate(prompts):
+            sequence = np.array(prompt + mixture.tokens_BxN[b].tolist())
+            logp = np.asarray(baseline(sequence[None]).exit_logp_KxBxTxV[0, 0])
+            np.testing.assert_array_equal(logp[len(prompt) - 1 : -1].argmax(-1), mixture.tokens_BxN[b])
+    if "top_k" in option:  # every token among the k likeliest of its step
+        for b, prompt in enumerate(prompts):
+            sequence = np.array(prompt + mixture.tokens_BxN[b].tolist())
+            logp = np.asarray(baseline(sequence[None]).exit_logp_KxBxTxV[0, 0])[len(prompt) - 1 : -1]
+            rank = (logp > logp[np.arange(8), mixture.tokens_BxN[b]][:, None]).sum(-1)
+            assert (rank < option["top_k"]).all()
+
+
+def test_exit_sampling_at_temperature_one_is_the_mixture(model, prompts):
+    """τ_r = τ_h = 1, no truncation: the same draws as exact mixture sampling (whose compiled
+    loop the first test above made)."""
+    mixture = generate(model, prompts, 64, seed=0)
+    per_exit = generate(model, prompts, 64, seed=0, sampling="exit", router_temperature=1.0)
+    np.testing.assert_array_equal(per_exit.tokens_BxN, mixture.tokens_BxN)
+    np.testing.assert_array_equal(per_exit.exits_BxN, mixture.exits_BxN)
 
 
 def joint_first_three(model, prompt, vocab, final_exit_only=False):
@@ -247,6 +291,15 @@ def test_first_three_tokens_follow_the_exact_mixture():
         (dict(top_p=0.9), 'needs decode="dense"'),
         (dict(decode="fast"), 'use "deferred" or "dense"'),
         (dict(max_new_tokens=0), "max_new_tokens=0"),
+        (dict(top_k=5), 'or use sampling="exit"'),
+        (dict(sampling="beam"), "sampling='beam': use \"mixture\""),
+        (dict(temperature=-0.5, sampling="exit"), "temperature=-0.5: give a number ≥ 0"),
+        (dict(router_temperature=-1.0, sampling="exit"), "router_temperature=-1.0"),
+        (dict(router_temperature=0.6), 'applies to sampling="exit" only'),
+        (dict(sampling="exit", top_p=1.5), "top_p=1.5"),
+        (dict(sampling="exit", top_k=0), "top_k=0"),
+        (dict(options="lockstep"), "options='lockstep': give a nvium_jax.inference.DecodeOptions"),
+        (dict(options=DecodeOptions(schedule="fifo")), "options.schedule='fifo'"),
     ],
 )
 def test_bad_inputs_raise_one_clear_error(model, kwargs, message):

@@ -18,10 +18,12 @@ from nvium_jax.inference import decode as D
 from tests.test_inference_decode import CFG, PROMPT_LENGTHS
 
 
-def optimized_loop_hlo(model, batch: int, mode: str, schedule: str = "advance") -> tuple[str, tuple]:
+def optimized_loop_hlo(model, batch: int, mode: str, schedule: str = "advance",
+                       **sampler) -> tuple[str, tuple]:
     """The decode loop of the decode tests' shapes (same options: the compile is shared)."""
     P, N = max(PROMPT_LENGTHS), 64
-    opts = D.decode_options(model, batch, N, mode, 16, 1.0, None, None, schedule, None, 8, "auto")
+    opts = D.loop_options(model, batch, N, mode, 16, options=D.DecodeOptions(schedule=schedule),
+                          **sampler)
     weights = D.decode_weights(model)
     cache_len = D.cache_length(P, N, CFG.context)
     prompts = jnp.ones((batch, P), jnp.int32)
@@ -53,9 +55,15 @@ def model():
     return build_model(CFG, seed=0)
 
 
-@pytest.mark.parametrize("batch, mode", [(4, "deferred"), (4, "dense")])
-def test_no_cache_copies_and_one_conditional_per_deep_segment(model, batch, mode):
-    hlo, cache_shape = optimized_loop_hlo(model, batch, mode)
+PER_EXIT = dict(sampling="exit", temperature=0.6, top_k=5, top_p=0.9, router_temperature=0.6)
+
+
+@pytest.mark.parametrize("batch, mode, sampler", [
+    (4, "deferred", {}), (4, "dense", {}),
+    pytest.param(4, "deferred", PER_EXIT, id="4-deferred-per-exit", marks=pytest.mark.slow)])
+def test_no_cache_copies_and_one_conditional_per_deep_segment(model, batch, mode, sampler):
+    """Per-exit sampling adds no conditional: its gates and head transform are arithmetic."""
+    hlo, cache_shape = optimized_loop_hlo(model, batch, mode, **sampler)
     assert cache_shaped_copies(hlo, batch, cache_shape) == []
     conditionals = len(re.findall(r" conditional\(", hlo))
     assert conditionals == (CFG.n_exits - 1 if mode == "deferred" else 0)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nvium_jax.config import InputError, ModelConfig
-from nvium_jax.inference import generate
+from nvium_jax.inference import DecodeOptions, generate
 from nvium_jax.model import build_model
 from nvium_jax.model.count import (
     adapter_param_count,
@@ -129,11 +129,18 @@ def bench_decode(
     attention: str = "auto",
     seed: int = 0,
     prompts: Optional[np.ndarray] = None,
+    sampling: str = "mixture",
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    router_temperature: float = 1.0,
 ) -> dict:
     """Tokens/s of deferred, dense and the matched baseline on the same prompts (DESIGN §3
     keys), plus the byte model's ideal speedup and the measured exit distribution.
     `prompts` (a [B, P] int array, e.g. cut from held-out text) replaces the random ones,
-    setting `batch` and `prompt_tokens`."""
+    setting `batch` and `prompt_tokens`. All three decode with the same sampler: under
+    `sampling="exit"` the baseline (one exit) runs the same head transform, which is also
+    what the mixture's transforms are for it."""
     cfg = model.config
     if prompts is not None:
         prompts = np.asarray(prompts, np.int32)
@@ -150,11 +157,16 @@ def bench_decode(
     if prompts is None:
         prompts = bench_prompts(cfg.vocab_size, batch, prompt_tokens, seed)
     n_new = min(max_new_tokens, cfg.context - prompt_tokens)
-    common = dict(seed=seed, window=window, attention=attention, return_state=True)
+    sampler = dict(sampling=sampling, temperature=temperature, top_k=top_k, top_p=top_p,
+                   router_temperature=router_temperature)
+    common = dict(seed=seed, window=window, return_state=True, **sampler)
+    options = lambda t, schedule="advance": DecodeOptions(schedule=schedule, attention=attention,
+                                                          timings=t)
     runs = {
-        "nvium": lambda t: generate(model, prompts, n_new, schedule=schedule, timings=t, **common),
-        "dense": lambda t: generate(model, prompts, n_new, decode="dense", timings=t, **common),
-        "baseline": lambda t: generate(baseline, prompts, n_new, decode="dense", timings=t, **common),
+        "nvium": lambda t: generate(model, prompts, n_new, options=options(t, schedule), **common),
+        "dense": lambda t: generate(model, prompts, n_new, decode="dense", options=options(t), **common),
+        "baseline": lambda t: generate(baseline, prompts, n_new, decode="dense", options=options(t),
+                                       **common),
     }
     outputs = {name: run({}) for name, run in runs.items()}  # compile and warm up
     timings = {name: [] for name in runs}
@@ -190,6 +202,7 @@ def bench_decode(
         "prefill_s": {name: round(median(name, "prefill_s"), 4) for name in runs},
         "flushes": deferred.flushes,
         "schedule": schedule if batch > 1 else "batch 1",
+        **sampler,
         "window": window,
         "repeats": repeats,
     }

@@ -145,7 +145,7 @@ class NviumLM(LM):
 
     # ---- generation -----------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from nvium_jax.inference import generate
+        from nvium_jax.inference import DecodeOptions, generate
 
         results: list[Optional[str]] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
@@ -160,7 +160,8 @@ class NviumLM(LM):
                 prompts += prompts[:1] * (self.batch - len(rows))  # one batch shape: one compile
                 out = generate(self.model, prompts, max_new, seed=self.seed, decode=decode,
                                window=self.loaded.config.decode.window, eos_id=self.loaded.eos_id,
-                               temperature=temperature, attention=self.loaded.config.decode.attention)
+                               temperature=temperature,
+                               options=DecodeOptions(attention=self.loaded.config.decode.attention))
                 for b, i in enumerate(rows):
                     n = int(out.lengths_B[b])
                     ids = [t for t in out.tokens_BxN[b, :n].tolist() if t != self.loaded.eos_id]

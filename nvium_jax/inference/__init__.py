@@ -1,5 +1,5 @@
-"""Exact deferred-batch decoding: `generate`, `flush` and the decode state."""
+"""Exact deferred-batch decoding: `generate`, `flush`, its options and the decode state."""
 
-from nvium_jax.inference.decode import DecodeState, GenerateOutput, flush, generate
+from nvium_jax.inference.decode import DecodeOptions, DecodeState, GenerateOutput, flush, generate
 
-__all__ = ["DecodeState", "GenerateOutput", "flush", "generate"]
+__all__ = ["DecodeOptions", "DecodeState", "GenerateOutput", "flush", "generate"]

@@ -10,6 +10,7 @@ each weight at its compute width: bfloat16 under `auto` on GPU/TPU, float32 on C
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -26,15 +27,39 @@ from nvium_jax.inference.state import (
     MIXTURE_SAMPLED,
     NOT_SAMPLED,
     SCHEDULES,
-    DecodeOptions,
     DecodeState,
+    LoopOptions,
     prefill,
 )
 from nvium_jax.config import InputError
 from nvium_jax.model.transformer import check_token_ids
 
-__all__ = ["MIXTURE_SAMPLED", "NOT_SAMPLED", "SCHEDULES", "DecodeState", "GenerateOutput",
-           "flush", "generate"]
+__all__ = ["MIXTURE_SAMPLED", "NOT_SAMPLED", "SAMPLINGS", "SCHEDULES", "DecodeOptions",
+           "DecodeState", "GenerateOutput", "flush", "generate"]
+
+SAMPLINGS = ("mixture", "exit")  # the first is the default
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """The research knobs of `generate` (none changes a token): how a batch shares deep
+    segments (`schedule`: advance | lockstep | wait | wait+advance; `wait_rows`, default
+    ≈ 3/8 of the batch, and `wait_age`), the tokens one deep run holds at most
+    (`max_run_tokens`, default `LoopOptions.run_cap`'s rule), the attention implementation
+    (auto | pallas | reference), streaming (`on_tokens(tokens_BxN, lengths_B)` after every
+    `stream_every` tokens per row; the loop then runs in chunks of the same compiled code)
+    and `timings`, a dict that receives the seconds of each phase — `prepare_s` (weights made
+    ready), `prefill_s` (prompts and the first token), `decode_s` (every later token) — at
+    the price of a wait after each."""
+
+    schedule: str = SCHEDULES[0]
+    wait_rows: Optional[int] = None
+    wait_age: int = 8
+    max_run_tokens: Optional[int] = None
+    attention: str = "auto"
+    on_tokens: Optional[Callable[[np.ndarray, np.ndarray], None]] = None
+    stream_every: int = 8
+    timings: Optional[dict] = None
 
 
 class GenerateOutput(NamedTuple):
@@ -110,7 +135,8 @@ def prompt_batch(prompts, vocab_size: int, context: int) -> tuple[np.ndarray, np
 
 
 def non_exact_options(temperature, top_k, top_p) -> list[str]:
-    """The sampler options that leave the exact mixture sample (they need decode="dense")."""
+    """The head-transform options that are set (under sampling="mixture" they leave the
+    exact mixture sample and need decode="dense")."""
     options = (
         (f"temperature={temperature}", temperature is not None and temperature != 1.0),
         (f"top_k={top_k}", top_k is not None),
@@ -119,28 +145,64 @@ def non_exact_options(temperature, top_k, top_p) -> list[str]:
     return [name for name, is_set in options if is_set]
 
 
-def check_sampling(decode: str, temperature, top_k, top_p, window, max_new_tokens, schedule) -> None:
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) \
+        and math.isfinite(x)
+
+
+def check_sampling(decode: str, temperature, top_k, top_p, window, max_new_tokens,
+                   sampling: str = "mixture", router_temperature=1.0) -> None:
+    """One clear error naming the input for every argument of `generate` a user can get wrong."""
     if decode not in ("deferred", "dense"):
         raise InputError(f'decode={decode!r}: use "deferred" or "dense"')
+    if sampling not in SAMPLINGS:
+        raise InputError(f'sampling={sampling!r}: use "mixture" (the exact learned distribution) '
+                         f'or "exit" (route first, then sample the chosen exit)')
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens={max_new_tokens!r}: give a positive integer")
     if not isinstance(window, (int, np.integer)) or window < 1:
         raise InputError(f"window={window!r}: give a positive integer (1 = no deferral)")
-    if temperature < 0:
-        raise InputError(f"temperature={temperature}: give a value ≥ 0 (0 = greedy)")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+    if not _is_number(temperature) or temperature < 0:
+        raise InputError(f"temperature={temperature!r}: give a number ≥ 0 (0 = greedy)")
+    if not _is_number(router_temperature) or router_temperature < 0:
+        raise InputError(f"router_temperature={router_temperature!r}: give a number ≥ 0 "
+                         f"(0 = greedy routing: exit where the exit logit wins)")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool)
+                              or top_k < 1):
         raise InputError(f"top_k={top_k!r}: give a positive integer or None")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_p is not None and not (_is_number(top_p) and 0.0 < top_p <= 1.0):
         raise InputError(f"top_p={top_p!r}: give a value in (0, 1] or None")
-    if schedule not in SCHEDULES:
-        raise InputError(f"schedule={schedule!r}: use one of {', '.join(SCHEDULES)}")
-    non_exact = non_exact_options(temperature, top_k, top_p)
-    if non_exact and decode == "deferred":
+    if sampling == "mixture" and router_temperature != 1.0:
         raise InputError(
-            f"{', '.join(non_exact)} needs decode=\"dense\": greedy, temperature, top-k and top-p act "
-            f"on the full mixture and need every exit's head at every token, which deferred decoding "
-            f"does not compute (it samples the mixture exactly at temperature 1 only)"
+            f'router_temperature={router_temperature} applies to sampling="exit" only: the mixture '
+            f'weighs every exit by its learned routing (use sampling="exit", or leave it at 1)')
+    non_exact = non_exact_options(temperature, top_k, top_p)
+    if sampling == "mixture" and non_exact and decode == "deferred":
+        raise InputError(
+            f"{', '.join(non_exact)} needs decode=\"dense\" under sampling=\"mixture\": greedy, "
+            f"temperature, top-k and top-p on the full mixture need every exit's head at every "
+            f"token, which deferred decoding does not compute (it samples the mixture exactly at "
+            f"temperature 1 only) — or use sampling=\"exit\", which routes first and applies them "
+            f"to the chosen exit alone, and decodes deferred"
         )
+
+
+def check_options(options) -> DecodeOptions:
+    if options is None:
+        return DecodeOptions()
+    if not isinstance(options, DecodeOptions):
+        raise InputError(f"options={options!r}: give a nvium_jax.inference.DecodeOptions or None")
+    if options.schedule not in SCHEDULES:
+        raise InputError(f"options.schedule={options.schedule!r}: use one of {', '.join(SCHEDULES)}")
+    for name in ("wait_rows", "max_run_tokens"):
+        value = getattr(options, name)
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            raise InputError(f"options.{name}={value!r}: give a positive integer or None")
+    if not isinstance(options.wait_age, (int, np.integer)) or options.wait_age < 0:
+        raise InputError(f"options.wait_age={options.wait_age!r}: give an integer ≥ 0")
+    if not isinstance(options.stream_every, (int, np.integer)) or options.stream_every < 1:
+        raise InputError(f"options.stream_every={options.stream_every!r}: give a positive integer")
+    return options
 
 
 def default_wait_rows(batch: int) -> int:
@@ -148,15 +210,20 @@ def default_wait_rows(batch: int) -> int:
     return max(1, math.ceil(3 * batch / 8))
 
 
-def decode_options(model, batch, max_new_tokens, decode, window, temperature, top_k, top_p,
-                   schedule, wait_rows, wait_age, attention) -> DecodeOptions:
-    return DecodeOptions(
+def loop_options(model, batch, max_new_tokens, decode, window, temperature=1.0, top_k=None,
+                 top_p=None, sampling="mixture", router_temperature=1.0,
+                 options: Optional[DecodeOptions] = None) -> LoopOptions:
+    """The static options of one decode's compiled code."""
+    options = options or DecodeOptions()
+    return LoopOptions(
         mode=decode, window=int(window) if decode == "deferred" else 1,  # dense defers nothing
         max_new_tokens=int(max_new_tokens), context=model.config.context, batch=int(batch),
         temperature=float(temperature), top_k=None if top_k is None else int(top_k),
-        top_p=None if top_p is None else float(top_p), schedule=schedule,
-        wait_rows=default_wait_rows(batch) if wait_rows is None else int(wait_rows),
-        wait_age=int(wait_age), attention=attention,
+        top_p=None if top_p is None else float(top_p), sampling=sampling,
+        router_temperature=float(router_temperature), schedule=options.schedule,
+        wait_rows=default_wait_rows(batch) if options.wait_rows is None else int(options.wait_rows),
+        wait_age=int(options.wait_age), attention=options.attention,
+        max_run_tokens=options.max_run_tokens,
     )
 
 
@@ -179,49 +246,46 @@ def generate(
     temperature: float = 1.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
+    sampling: str = "mixture",
+    router_temperature: float = 1.0,
     return_state: bool = False,
-    schedule: str = SCHEDULES[0],
-    wait_rows: Optional[int] = None,
-    wait_age: int = 8,
-    attention: str = "auto",
-    on_tokens: Optional[Callable[[np.ndarray, np.ndarray], None]] = None,
-    stream_every: int = 8,
-    timings: Optional[dict] = None,
+    options: Optional[DecodeOptions] = None,
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` new tokens for each prompt (DESIGN §3).
 
-    `decode="deferred"` samples the exact mixture while deferring the upper layers of
-    early-exited tokens; `"dense"` runs every layer for every token with the same random
-    stream (the oracle and the speed baseline) and is the only mode for greedy
-    (`temperature=0`), temperature, top-k and top-p. `schedule` (advance | lockstep | wait |
-    wait+advance), `wait_rows` and `wait_age` choose how a batch shares deep segments; every
-    choice returns the same tokens.
-    `on_tokens(tokens_BxN, lengths_B)` is called after every `stream_every` tokens per row
-    (the loop then runs in chunks of the same compiled code). A `timings` dict receives the
-    seconds of each phase — `prepare_s` (weights made ready), `prefill_s` (prompts and the
-    first token) and `decode_s` (every later token) — at the price of a wait after each.
+    `sampling="mixture"` (default) samples the learned mixture: `decode="deferred"` exactly
+    at temperature 1, deferring the upper layers of early-exited tokens; greedy
+    (`temperature=0`), temperature, top-k and top-p act on the whole mixture and need
+    `decode="dense"` (every layer and head for every token, the same random stream).
+    `sampling="exit"` (the paper's decoder) routes first — gate k exits when
+    u_k < sigmoid(ℓ_k / router_temperature), 0 = exit iff ℓ_k > 0 — and draws the token
+    from the chosen exit alone, with temperature, top-k and top-p applied to it; both
+    decodes run it and return the same tokens. `options` holds research knobs that change
+    no token (schedules, run shapes, attention, streaming, timings: `DecodeOptions`).
     """
     cfg = model.config
-    check_sampling(decode, temperature, top_k, top_p, window, max_new_tokens, schedule)
+    check_sampling(decode, temperature, top_k, top_p, window, max_new_tokens, sampling,
+                   router_temperature)
+    options = check_options(options)
     prompts_BxP, prompt_len_B = prompt_batch(prompts, cfg.vocab_size, cfg.context)
     B = prompts_BxP.shape[0]
-    opts = decode_options(model, B, max_new_tokens, decode, window, temperature, top_k,
-                          top_p, schedule, wait_rows, wait_age, attention)
-    clock = _Clock(timings)
+    opts = loop_options(model, B, max_new_tokens, decode, window, temperature, top_k, top_p,
+                        sampling, router_temperature, options)
+    clock = _Clock(options.timings)
     weights = clock.phase("prepare_s", decode_weights(model))
     cache_len = cache_length(prompts_BxP.shape[1], opts.max_new_tokens, cfg.context)
     state = _prefill_jit(*weights, jnp.asarray(prompts_BxP), jnp.asarray(prompt_len_B),
                          row_keys(seed, B), -1 if eos_id is None else int(eos_id), cache_len, opts)
     state = clock.phase("prefill_s", state)
-    if on_tokens is None:
+    if options.on_tokens is None:
         state = _loop_jit(*weights, state, jnp.int32(opts.max_new_tokens), opts)
     else:
         n_limit = 1
         while True:
-            on_tokens(np.asarray(state.tokens_BxN), np.asarray(state.n_B))
+            options.on_tokens(np.asarray(state.tokens_BxN), np.asarray(state.n_B))
             if bool(np.all(np.asarray(state.done_B))):
                 break
-            n_limit += stream_every
+            n_limit += options.stream_every
             state = _loop_jit(*weights, state, jnp.int32(n_limit), opts)
     state = clock.phase("decode_s", state)
     done_B = np.asarray(state.done_B)
@@ -256,7 +320,7 @@ def flush(model, state: DecodeState, *, attention: str = "auto") -> DecodeState:
     """Completes every pending segment, so the cache holds every layer's K/V for every
     position fed in (0 … P_b + n_b − 2)."""
     B, ring = state.ring_BxRxD.shape[:2]
-    opts = DecodeOptions(mode="deferred", window=ring - 1, max_new_tokens=state.tokens_BxN.shape[1],
-                         context=model.config.context, batch=B, attention=attention,
-                         max_run_tokens=B * (ring - 1))  # every row's whole block in one run
+    opts = LoopOptions(mode="deferred", window=ring - 1, max_new_tokens=state.tokens_BxN.shape[1],
+                       context=model.config.context, batch=B, attention=attention,
+                       max_run_tokens=B * (ring - 1))  # every row's whole block in one run
     return _flush_jit(*decode_weights(model), state, opts)

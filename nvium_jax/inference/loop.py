@@ -3,7 +3,7 @@
 One deferred iteration:
   0. rows about to feed a token whose block would exceed W flush: every segment s ≥ 1 runs
      on [m_s, t) without gates (the token itself continues in the next iteration) — as
-     many rows as one run holds (`DecodeOptions.run_cap`), the others wait their turn;
+     many rows as one run holds (`LoopOptions.run_cap`), the others wait their turn;
   1. segment 0 on each row's new token x_t, then its gate;
   2. for s = 1 … K−1: the rows whose token waits at segment s run it on their block
      [m_s, t] (a query at position p sees the cache below m_s and the block up to p), then
@@ -18,7 +18,8 @@ feeding a new token); `wait+advance` does both. Under every schedule a run holds
 `run_cap` tokens: rows whose blocks do not fit wait, taking turns from the row after
 the iteration count (so none starves). Every draw is indexed by
 (row, token) — `fold_in(fold_in(PRNGKey(seed), b), n)` split into K keys — never by
-iteration, so every schedule, and `dense`, return the same tokens and exits.
+iteration, so every schedule, and `dense`, return the same tokens and exits; per-exit
+sampling changes only what a gate compares and the transform of the one head drawn from.
 
 What a GPU pays besides bytes is kept small: a deep segment is one `lax.switch` per
 iteration (skip, or one (tokens, width) run shape), its index computed arithmetically; the
@@ -34,26 +35,26 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from nvium_jax.inference.sampling import draw_from_head, gate_uniform, token_keys
+from nvium_jax.inference.sampling import draw_from_head, token_keys
 from nvium_jax.inference.segments import pack_blocks, run_packed, run_rows
 from nvium_jax.inference.state import (
     DecodeState,
     choose_exit,
     count_run,
     drop_pending,
-    gate_q,
+    gate_exits,
     pending_kv,
     record_tokens,
     write_pending,
 )
 
 
-def exit_decision(model, s: int, h_t_BxD, gate_rows_B, keys_BxKx2):
-    """Rows of `gate_rows_B` whose token exits at s (u_s < q_s; always at the final exit),
+def exit_decision(model, s: int, h_t_BxD, gate_rows_B, keys_BxKx2, opts):
+    """Rows of `gate_rows_B` whose token exits at s (u_s < q'_s; always at the final exit),
     and the head input of exit s for every row (norm and adapter: cheaper than a branch)."""
     z_BxD = model.exit_norm(s, h_t_BxD)
     if s < model.config.n_exits - 1:
-        exits_B = gate_rows_B & (gate_uniform(keys_BxKx2, s) < gate_q(model, s, z_BxD))
+        exits_B = gate_rows_B & gate_exits(model, s, z_BxD, keys_BxKx2, opts)
     else:
         exits_B = gate_rows_B
     return exits_B, model.exit_state(s, z_BxD)
@@ -76,7 +77,8 @@ def first_segment(model, layers, state: DecodeState, rows_B, keys_BxKx2, opts):
         h_Bx1xD, kv = run_rows(model, layers, 0, *by_layer(start, k_seg, v_seg),
                                model.embed(state.token_B[:, None]), t_B[:, None],
                                rows_B[:, None], t_B, opts.attention)
-        exits_B, exit_state_BxD = exit_decision(model, 0, h_Bx1xD[:, 0], rows_B, keys_BxKx2)
+        exits_B, exit_state_BxD = exit_decision(model, 0, h_Bx1xD[:, 0], rows_B, keys_BxKx2,
+                                                 opts)
         return h_Bx1xD[:, 0], kv, exits_B, exit_state_BxD
 
     if opts.waits:
@@ -166,7 +168,7 @@ def run_blocks(model, layers, state: DecodeState, s: int, start_B, stop_B, rows_
         if gate is None:
             return out + (jnp.zeros((B,), bool), jnp.zeros((B, D), model.dtype))
         gate_rows_B, keys_BxKx2 = gate
-        return out + exit_decision(model, s, h_NxD[last_B], gate_rows_B, keys_BxKx2)
+        return out + exit_decision(model, s, h_NxD[last_B], gate_rows_B, keys_BxKx2, opts)
 
     def packed_run(size, width, ring_BxRxD, k_seg, v_seg):
         kv_layers = by_layer(start, k_seg, v_seg)
@@ -265,7 +267,8 @@ def deferred_iteration(model, layers, state: DecodeState, active_B, opts) -> Dec
     age_B = jnp.where(moved_B, 0, state.age_B + (active_B & (state.need_B > 0)))
     state = state._replace(age_B=age_B, flushes=state.flushes + jnp.any(flush_B),
                            head_runs=state.head_runs + 1)
-    token_B = draw_from_head(model, chosen_BxD, keys_BxKx2)  # cheaper than a branch round it
+    # the chosen exit's head, transformed under per-exit sampling: cheaper than a branch round it
+    token_B = draw_from_head(model, chosen_BxD, keys_BxKx2, opts.head)
     return record_tokens(state, sampled_B, token_B, exit_B, opts)
 
 

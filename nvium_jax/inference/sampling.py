@@ -1,19 +1,36 @@
-"""The random stream and the draws of decoding (DESIGN §1 "Random stream").
+"""The random stream and the draws of decoding (DESIGN §1 "Random stream", "Sampling modes").
 
 The n-th new token of batch row b uses `key = fold_in(fold_in(PRNGKey(seed), b), n)` split
 into K keys: `u_k = uniform(keys[k−1])` decides the gate of early exit k, and the token is
-`categorical(keys[K−1], logp)` of the chosen exit — or, for the non-exact samplers (dense
-only), of the transformed full mixture.
+drawn with `keys[K−1]` from the chosen exit — through the head transform (temperature,
+top-k, top-p) under per-exit sampling — or, for the mixture's non-exact samplers (dense
+only), from the transformed full mixture.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from nvium_jax.model.transformer import mixture_logprobs, route_logp_from_gates
+
+
+class HeadTransform(NamedTuple):
+    """What a draw does to its distribution: temperature (0 = argmax), then top-k, then
+    top-p. The identity (1, None, None) is the plain categorical draw."""
+
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+
+    @property
+    def identity(self) -> bool:
+        return self.temperature == 1.0 and self.top_k is None and self.top_p is None
+
+
+IDENTITY = HeadTransform()
 
 
 def row_keys(seed: int, batch: int) -> jax.Array:
@@ -32,10 +49,19 @@ def gate_uniform(keys_BxKx2: jax.Array, k: int) -> jax.Array:
     return jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys_BxKx2[:, k])
 
 
-def draw_from_head(model, z_BxD, keys_BxKx2):
-    """The token from the chosen exits' head inputs: one head matmul, key K−1."""
-    logp_BxV = jax.nn.log_softmax(model.logits(z_BxD[:, None])[:, 0], axis=-1)
-    return jax.vmap(jax.random.categorical)(keys_BxKx2[:, -1], logp_BxV).astype(jnp.int32)
+def gate_fires(gate_logp_Bx2: jax.Array, keys_BxKx2: jax.Array, k: int,
+               router_temperature: float) -> jax.Array:
+    """Whether gate k exits, from its [log q, log(1 − q)]: u_k < sigmoid(ℓ/τ_r) with ℓ the
+    exit-minus-continue logit. τ_r = 1 compares with q itself (the exact mixture's gate, to
+    the bit); τ_r = 0 exits iff ℓ > 0 and draws nothing (u_k's key simply goes unused)."""
+    log_q_B, log_continue_B = gate_logp_Bx2[:, 0], gate_logp_Bx2[:, 1]
+    if router_temperature == 0.0:
+        return log_q_B > log_continue_B
+    if router_temperature == 1.0:
+        q_B = jnp.exp(log_q_B)
+    else:
+        q_B = jax.nn.sigmoid((log_q_B - log_continue_B) / router_temperature)
+    return gate_uniform(keys_BxKx2, k) < q_B
 
 
 def truncate_logits(logits_BxV, top_k: Optional[int], top_p: Optional[float]):
@@ -54,17 +80,30 @@ def truncate_logits(logits_BxV, top_k: Optional[int], top_p: Optional[float]):
     return logits_BxV
 
 
-def draw_from_mixture(model, z_KxBxD, gate_BxK1x2, keys_BxKx2, temperature, top_k, top_p):
-    """Greedy / temperature / top-k / top-p on the full mixture (every head)."""
-    logp_KxBxV = jnp.stack(
+def draw_transformed(logp_BxV: jax.Array, key_Bx2: jax.Array, transform: HeadTransform):
+    """One token per row from H(p): argmax at temperature 0, else a categorical draw of the
+    tempered, truncated log-probs (the identity draws from `logp` itself)."""
+    if transform.temperature == 0.0:
+        return jnp.argmax(logp_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = logp_BxV if transform.temperature == 1.0 else logp_BxV / transform.temperature
+    logits_BxV = truncate_logits(logits_BxV, transform.top_k, transform.top_p)
+    return jax.vmap(jax.random.categorical)(key_Bx2, logits_BxV).astype(jnp.int32)
+
+
+def draw_from_head(model, z_BxD, keys_BxKx2, transform: HeadTransform = IDENTITY):
+    """The token from the chosen exits' head inputs: one head matmul, key K−1."""
+    logp_BxV = jax.nn.log_softmax(model.logits(z_BxD[:, None])[:, 0], axis=-1)
+    return draw_transformed(logp_BxV, keys_BxKx2[:, -1], transform)
+
+
+def draw_from_mixture(model, z_KxBxD, gate_BxK1x2, keys_BxKx2, transform: HeadTransform):
+    """Greedy / temperature / top-k / top-p on the full mixture (every head), key K−1."""
+    logp_KxBxV = jnp.stack(  # one head matmul per exit, as the dense forward does
         [jax.nn.log_softmax(model.logits(z[:, None])[:, 0], axis=-1) for z in z_KxBxD]
     )
     if gate_BxK1x2.shape[1]:
         route_logp_BxK = route_logp_from_gates(gate_BxK1x2)
-    else:
+    else:  # the baseline: one exit, weight 1
         route_logp_BxK = jnp.zeros((z_KxBxD.shape[1], 1), jnp.float32)
     logp_BxV = mixture_logprobs(logp_KxBxV[:, :, None], route_logp_BxK[:, None])[:, 0]
-    if temperature == 0.0:
-        return jnp.argmax(logp_BxV, axis=-1).astype(jnp.int32)
-    logits_BxV = truncate_logits(logp_BxV / temperature, top_k, top_p)
-    return jax.vmap(jax.random.categorical)(keys_BxKx2[:, -1], logits_BxV).astype(jnp.int32)
+    return draw_transformed(logp_BxV, keys_BxKx2[:, -1], transform)

@@ -20,7 +20,14 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from nvium_jax.inference.sampling import draw_from_head, draw_from_mixture, gate_uniform, token_keys
+from nvium_jax.inference.sampling import (
+    IDENTITY,
+    HeadTransform,
+    draw_from_head,
+    draw_from_mixture,
+    gate_fires,
+    token_keys,
+)
 
 SCHEDULES = ("advance", "lockstep", "wait", "wait+advance")  # the first is the default
 NOT_SAMPLED = -1  # output slots after a row stopped
@@ -93,7 +100,7 @@ def row_view(cache_BGxSxE: jax.Array, batch: int) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeOptions:
+class LoopOptions:
     """Everything static about one decode: hashable, so it keys the compiled loop."""
 
     mode: str  # deferred | dense
@@ -104,6 +111,8 @@ class DecodeOptions:
     temperature: float = 1.0
     top_k: Optional[int] = None
     top_p: Optional[float] = None
+    sampling: str = "mixture"  # mixture | exit (DESIGN §1 "Sampling modes")
+    router_temperature: float = 1.0  # per-exit sampling only
     schedule: str = "advance"
     wait_rows: int = 1
     wait_age: int = 8
@@ -113,6 +122,22 @@ class DecodeOptions:
     @property
     def exact(self) -> bool:
         return self.temperature == 1.0 and self.top_k is None and self.top_p is None
+
+    @property
+    def mixture_transform(self) -> bool:
+        """Whether tokens come from the transformed full mixture (every head; dense only)."""
+        return self.sampling == "mixture" and not self.exact
+
+    @property
+    def head(self) -> HeadTransform:
+        """The transform of the chosen exit's distribution (the identity for the mixture)."""
+        if self.sampling == "exit":
+            return HeadTransform(self.temperature, self.top_k, self.top_p)
+        return IDENTITY
+
+    @property
+    def gate_temperature(self) -> float:
+        return self.router_temperature if self.sampling == "exit" else 1.0
 
     @property
     def waits(self) -> bool:
@@ -211,32 +236,34 @@ def to_cache(kv_BxTxGxE: jax.Array, cache_len: int, dtype) -> jax.Array:
     return jnp.pad(kv_BGxTxE, ((0, 0), (0, cache_len - T), (0, 0)))
 
 
-def gate_q(model, s: int, z_BxD: jax.Array) -> jax.Array:
-    """q_s = P(exit at s | reached s), float32 — one function for dense and deferred."""
-    return jnp.exp(model.gate_logp(s, z_BxD[:, None])[:, 0, 0])
+def gate_exits(model, s: int, z_BxD: jax.Array, keys_BxKx2, opts: LoopOptions) -> jax.Array:
+    """Whether each row's token exits at s (u_s < q'_s) — one function for dense and
+    deferred."""
+    return gate_fires(model.gate_logp(s, z_BxD[:, None])[:, 0], keys_BxKx2, s,
+                      opts.gate_temperature)
 
 
-def choose_exit(model, h_KxBxD, keys_BxKx2, opts):
-    """Sequential halting over fully computed exits (prefill and dense): the first s with
-    u_s < q_s, else the final exit; returns (token, exit)."""
+def choose_exit(model, h_KxBxD, keys_BxKx2, opts: LoopOptions):
+    """Sequential halting over fully computed exits (prefill and dense): the first s whose
+    gate fires, else the final exit, and the token from that exit's head; returns (token,
+    exit). The mixture's non-exact samplers draw from the whole mixture instead."""
     K = model.config.n_exits
     B = h_KxBxD.shape[1]
     z_KxBxD = [model.exit_norm(k, h_KxBxD[k]) for k in range(K)]
-    if not opts.exact:
+    if opts.mixture_transform:
         gates = [model.gate_logp(k, z[:, None])[:, 0] for k, z in enumerate(z_KxBxD[:-1])]
         gate_BxK1x2 = jnp.stack(gates, axis=1) if gates else jnp.zeros((B, 0, 2), jnp.float32)
-        states = [model.exit_state(k, z) for k, z in enumerate(z_KxBxD)]
-        token_B = draw_from_mixture(model, states, gate_BxK1x2, keys_BxKx2, opts.temperature,
-                                    opts.top_k, opts.top_p)
+        states_KxBxD = jnp.stack([model.exit_state(k, z) for k, z in enumerate(z_KxBxD)])
+        token_B = draw_from_mixture(model, states_KxBxD, gate_BxK1x2, keys_BxKx2,
+                                    HeadTransform(opts.temperature, opts.top_k, opts.top_p))
         return token_B, jnp.full((B,), MIXTURE_SAMPLED, jnp.int32)
     exit_B = jnp.full((B,), K - 1, jnp.int32)
     for k in reversed(range(K - 1)):  # the shallowest exit that fires wins
-        fires_B = gate_uniform(keys_BxKx2, k) < gate_q(model, k, z_KxBxD[k])
-        exit_B = jnp.where(fires_B, k, exit_B)
+        exit_B = jnp.where(gate_exits(model, k, z_KxBxD[k], keys_BxKx2, opts), k, exit_B)
     chosen_BxD = model.exit_state(K - 1, z_KxBxD[K - 1])
     for k in range(K - 1):
         chosen_BxD = jnp.where((exit_B == k)[:, None], model.exit_state(k, z_KxBxD[k]), chosen_BxD)
-    return draw_from_head(model, chosen_BxD, keys_BxKx2), exit_B
+    return draw_from_head(model, chosen_BxD, keys_BxKx2, opts.head), exit_B
 
 
 def record_tokens(state: DecodeState, sampled_B, token_B, exit_B, opts) -> DecodeState:
