@@ -94,3 +94,50 @@ def test_byte_costs_count_the_final_adapter():
     assert byte_costs(CFG).adapter_K[-1] == 4 * D  # the final norm alone
     assert byte_costs(with_adapter).adapter_K[-1] == 4 * (D + 2 * D * A)
     assert byte_costs(with_adapter).adapter_K[:-1] == byte_costs(CFG).adapter_K[:-1]
+
+
+@pytest.mark.slow
+def test_bench_decode_cli_per_exit_sampling(capsys):
+    """--sampling exit with a head transform and a router temperature: the same keys, the
+    settings echoed, and the baseline decoded too (the same head transform)."""
+    args = ["bench", "decode", "--config", "configs/nvium-tiny.yaml", "model.n_layers=4",
+            "model.exits=[1,2,3]", "model.vocab_size=64", "model.context=48", "model.dtype=float32",
+            "--max-new-tokens", "6", "--repeats", "1", "--exit-rates", "0.35,0.25,0.15,0.25",
+            "--prompt-tokens", "5", "--sampling", "exit", "--temperature", "0.6", "--top-k", "5",
+            "--router-temperature", "0.6", "--json"]
+    assert main(args) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert {"device", "batch", "new_tokens", "exit_distribution", "nvium_tokens_per_s",
+            "dense_tokens_per_s", "baseline_tokens_per_s", "speedup", "speedup_vs_dense",
+            "ideal_speedup", "efficiency"} <= set(record)
+    assert (record["sampling"], record["temperature"], record["top_k"], record["top_p"],
+            record["router_temperature"]) == ("exit", 0.6, 5, None, 0.6)
+    assert record["baseline_tokens_per_s"] > 0 and len(record["exit_distribution"]) == 4
+    # the mixture with a head option cannot run deferred: one clear error
+    assert main(args[:-9] + ["--top-k", "5", "--json"]) == 2
+    assert 'or use sampling="exit"' in capsys.readouterr().err
+
+
+def test_paper_grid_reaches_bench_decode(monkeypatch, capsys):
+    """`scripts/bench_decode.py --paper-grid` hands every head × router cell, at both prompt
+    lengths, batch 1 and 128 new tokens, to `bench_decode` (faked here: no decoding)."""
+    import scripts.bench_decode as script
+
+    calls = []
+
+    def fake(model, **kwargs):
+        calls.append(kwargs)
+        return {k: 0 for k in script.GRID_COLUMNS} | {"device": "cpu", "new_tokens": 128,
+                                                       "prompt_tokens": kwargs["prompt_tokens"]}
+
+    monkeypatch.setattr(script, "bench_decode", fake)
+    monkeypatch.setattr(script, "build_model", lambda cfg, seed: None)
+    assert script.main(["--config", "configs/nvium-tiny.yaml", "--paper-grid"]) == 0
+    cells = {(c["prompt_tokens"], c["temperature"], c["top_k"], c["router_temperature"]) for c in calls}
+    assert len(calls) == len(cells) == 18
+    assert {c["batch"] for c in calls} == {1} and {c["max_new_tokens"] for c in calls} == {128}
+    assert {c["sampling"] for c in calls} == {"exit"}
+    heads = {(t, k) for _, t, k, _ in cells}
+    assert heads == {(0.0, None), (0.6, None), (1.0, 50)}
+    assert {r for *_, r in cells} == {0.0, 0.6, 1.0} and {p for p, *_ in cells} == {16, 512}
+    assert capsys.readouterr().out.count("\n| 512 |") == 9

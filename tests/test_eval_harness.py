@@ -172,6 +172,52 @@ def test_generate_until_is_greedy_and_cut(trained_run, tasks_dir):
     assert sampled == [lm.loaded.tokenizer.decode(ids)]
 
 
+_ROUTED = {}
+
+
+def greedy_routed_step(model, tokens):
+    """The paper's deterministic decode from one full pass (padded to the context): the first
+    exit whose q_k > 1/2 (exit logit above continue), q_k = π_k / (1 − Σ_{j<k} π_j) from the
+    mixture weights of `model(tokens)`, and that exit's argmax."""
+    if id(model) not in _ROUTED:
+        _ROUTED[id(model)] = nnx.jit(lambda m, tokens_1xT: m(tokens_1xT))
+    padded = np.zeros((1, model.config.context), np.int32)
+    padded[0, :len(tokens)] = tokens
+    out = _ROUTED[id(model)](model, padded)
+    last = len(tokens) - 1
+    pi = np.exp(np.asarray(out.route_logp_BxTxK[0, last], np.float64))
+    q = (pi / (1.0 - np.cumsum(pi) + pi))[:-1]
+    fired = np.flatnonzero(q > 0.5)
+    k = int(fired[0]) if fired.size else len(pi) - 1
+    return int(np.argmax(out.exit_logp_KxBxTxV[k, 0, last]))
+
+
+def test_unknown_sampling_is_one_clear_error():
+    from nvium_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sampling=beam: use mixture"):
+        NviumLM(run="no_such_run", sampling="beam")
+
+
+@pytest.mark.slow
+def test_generate_until_with_per_exit_sampling_is_the_papers_greedy_decode(trained_run, tasks_dir):
+    """model_args sampling=exit: a greedy task decodes deferred with greedy routing and the
+    chosen exit's argmax, as a naive loop of full passes does."""
+    run_dir, _ = trained_run
+    lm = NviumLM(run=str(run_dir), batch_size=2, sampling="exit")
+    out = evaluate(lm, ["nvium_test_gen"], tasks_dir)
+    eos = lm.loaded.eos_id
+    for sample, doc in zip(sorted(out["samples"]["nvium_test_gen"], key=lambda s: s["doc_id"]), GEN):
+        tokens, new = lm.context_ids(doc["q"]), []
+        for _ in range(6):
+            nxt = greedy_routed_step(lm.model, tokens + new)
+            if nxt == eos:
+                break
+            new.append(nxt)
+        want = lm.loaded.tokenizer.decode(new)
+        assert sample["resps"][0][0] == (want[:want.index(".")] if "." in want else want)
+
+
 @pytest.mark.slow
 def test_nvium_eval_tasks_cli(trained_run, tasks_dir, capsys):
     run_dir, _ = trained_run

@@ -5,15 +5,21 @@ model "nvium":
     nvium eval --run runs/nvium-125m --tasks hellaswag,arc_easy
 
 model_args: `run` (a run dir), `step` (default the latest checkpoint), `exit` (score with exit
-K's own distribution instead of the mixture, 0-based), `batch_size` (default 8).
+K's own distribution instead of the mixture, 0-based), `batch_size` (default 8), `sampling`
+(how `generate_until` decodes: `mixture`, the default, or `exit`, the paper's decoder).
 
 Encoding: a context is encoded as a prompt is — BOS first when the tokenizer has one; an
 empty context is [BOS], else [EOS] — and the continuation is encoded on its own and
 appended. `loglikelihood` sums the mixture's (or exit K's) log-probs of the continuation
 tokens and says whether each was the argmax; `loglikelihood_rolling` scores a whole text
 in windows of `model.context` (every token predicted once, each window but the first with
-a full context); `generate_until` decodes with `generate` — exact deferred sampling at
-temperature 1, dense for greedy and other temperatures — and cuts at the `until` strings.
+a full context); `generate_until` decodes with `generate` and cuts at the `until` strings.
+Under `sampling=mixture` it samples the mixture (exact and deferred at temperature 1; greedy
+and other temperatures act on the whole mixture, dense); under `sampling=exit` it routes
+first and draws from the chosen exit, deferred for every task: a greedy task gets greedy
+routing (exit where the exit logit wins) and the chosen exit's argmax — the paper's
+deterministic decode — and a sampled one the learned gates with the task's temperature.
+Scoring (`loglikelihood*`) is the mixture's (or exit K's) whatever `sampling` says.
 """
 
 from __future__ import annotations
@@ -55,10 +61,14 @@ class NviumLM(LM):
 
     def __init__(self, run: str, step: Optional[int] = None, exit: Optional[int] = None,
                  batch_size: int | str = 8, max_batch_size: Optional[int] = None,
-                 device: Optional[str] = None, seed: int = 0, **_unused):
+                 device: Optional[str] = None, seed: int = 0, sampling: str = "mixture", **_unused):
         super().__init__()
         from nvium_jax.runs import load_run
 
+        if sampling not in ("mixture", "exit"):
+            raise ConfigError(f"sampling={sampling}: use mixture (the learned distribution) or exit "
+                              f"(route first, then sample the chosen exit)")
+        self.sampling = sampling
         self.loaded = load_run(run, None if step in (None, "") else int(step))
         self.model = self.loaded.model
         cfg = self.model.config
@@ -152,7 +162,10 @@ class NviumLM(LM):
         for i, request in enumerate(requests):
             groups.setdefault(_sampling_key(request.args[1]), []).append(i)
         for (until, max_new, temperature), members in groups.items():
-            decode = "deferred" if temperature == 1.0 else "dense"
+            if self.sampling == "exit":  # deferred always; greedy routing for greedy tasks
+                decode, router = "deferred", 0.0 if temperature == 0.0 else 1.0
+            else:
+                decode, router = "deferred" if temperature == 1.0 else "dense", 1.0
             keep = max(min(self.context - max_new, self.context - 1), 1)  # prompt tokens kept
             for at in range(0, len(members), self.batch):
                 rows = members[at:at + self.batch]
@@ -160,8 +173,8 @@ class NviumLM(LM):
                 prompts += prompts[:1] * (self.batch - len(rows))  # one batch shape: one compile
                 out = generate(self.model, prompts, max_new, seed=self.seed, decode=decode,
                                window=self.loaded.config.decode.window, eos_id=self.loaded.eos_id,
-                               temperature=temperature,
-                               options=DecodeOptions(attention=self.loaded.config.decode.attention))
+                               temperature=temperature, sampling=self.sampling,
+                               router_temperature=router, options=DecodeOptions(attention=self.loaded.config.decode.attention))
                 for b, i in enumerate(rows):
                     n = int(out.lengths_B[b])
                     ids = [t for t in out.tokens_BxN[b, :n].tolist() if t != self.loaded.eos_id]
@@ -189,7 +202,7 @@ def cut_at(text: str, until) -> str:
 
 
 def run_tasks(run_dir, tasks: list[str], *, include_path=None, limit=None, exit=None, step=None,
-              batch_size: int = 8) -> dict:
+              batch_size: int = 8, sampling: str = "mixture") -> dict:
     """lm-eval's own evaluator on `tasks` (names, globs or YAML paths) for a run."""
     import lm_eval
 
@@ -200,7 +213,8 @@ def run_tasks(run_dir, tasks: list[str], *, include_path=None, limit=None, exit=
             f"unknown lm-eval task(s) {', '.join(unknown)}; list them with `lm_eval ls tasks`"
             + ("" if include_path else ", or pass --include-path DIR for your own YAML tasks"))
     args = {"run": str(run_dir), "exit": exit, "step": step}
-    model = NviumLM(**{k: v for k, v in args.items() if v is not None}, batch_size=batch_size)
+    model = NviumLM(**{k: v for k, v in args.items() if v is not None}, batch_size=batch_size,
+                    sampling=sampling)
     return lm_eval.simple_evaluate(model=model, tasks=list(tasks), limit=limit,
                                    task_manager=manager, log_samples=False)
 
