@@ -9,6 +9,7 @@ import pathlib
 import sys
 
 from nvium_jax.config import ConfigError, InputError, dump_config, load_config
+from nvium_jax.paths import local_path
 
 
 def os_error_line(err: OSError) -> str:
@@ -222,11 +223,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    local_path(args.run, "--run")
     if args.tasks:
         return _eval_tasks(args)
     for flag in ("include_path", "limit", "exit"):
         if getattr(args, flag) is not None:
             raise ConfigError(f"--{flag.replace('_', '-')} goes with --tasks (lm-eval tasks)")
+    if args.data is not None:
+        local_path(args.data, "--data")
     from nvium_jax.eval.evaluate import evaluate_run
     from nvium_jax.runs import load_run
 
@@ -273,6 +277,8 @@ def _eval_tasks(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    local_path(args.src, "SRC_DIR" if args.direction == "hf-import" else "RUN_DIR")
+    local_path(args.out, "--out")
     from nvium_jax.interop.hf import hf_export, hf_import
 
     if args.direction == "hf-import":
@@ -301,6 +307,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    local_path(args.out, "--out")
     from nvium_jax.data import prepare
 
     meta = prepare(args.input, args.out, tokenizer=args.tokenizer, field=args.field,

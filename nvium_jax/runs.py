@@ -23,7 +23,7 @@ from flax import nnx
 
 from nvium_jax.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config
 from nvium_jax.model import build_model
-from nvium_jax.paths import atomic_write_text
+from nvium_jax.paths import atomic_write_text, local_path
 
 # keys that may change when a run resumes, silently; model.* may not change at all
 RESUMABLE_CHANGES = ("train.steps", "train.keep", "train.on_nonfinite", "run.wandb", "run.dir")
@@ -386,7 +386,7 @@ def load_run(run_dir, step: Optional[int] = None, *, device=None) -> Run:
     The parameters are restored whole onto one device of this process (`device`, default
     its first), whatever mesh trained the run: a run trained on a pod loads on a laptop.
     """
-    run_dir = pathlib.Path(run_dir)
+    run_dir = local_path(run_dir, "run dir")
     config = read_run_config(run_dir)
     step, _ = verified_step(run_dir, step, items=("params",))  # what it reads
     manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(),

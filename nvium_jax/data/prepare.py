@@ -27,6 +27,7 @@ from nvium_jax.data.readers import ReadCounts, expand_inputs, input_record, read
 from nvium_jax.data.store import (
     FORMAT, SPLITS, DataError, read_meta, token_dtype, write_meta, write_tokens,
 )
+from nvium_jax.paths import local_path
 from nvium_jax.data.tokenizer import (
     Piece, encode_in_worker, encode_pieces, init_worker, load_tokenizer, parse_spec,
     special_ids, tokenizer_hash, train_bpe, vocab_size,
@@ -55,7 +56,7 @@ def prepare(
     paths = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
     kind, arg = parse_spec(tokenizer)
     given = load_tokenizer(arg) if kind == "file" else None
-    out = pathlib.Path(out_dir)
+    out = local_path(out_dir, "out_dir")
     if out.exists() and not out.is_dir():
         raise DataError(f"output {str(out)!r} is a file; pass a directory to --out")
     request = {

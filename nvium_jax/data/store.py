@@ -15,7 +15,7 @@ import numpy as np
 import tensorstore as ts
 
 from nvium_jax.config import ConfigError
-from nvium_jax.paths import atomic_write_text
+from nvium_jax.paths import atomic_write_text, local_path
 
 FORMAT = "nvium-tokens/1"
 SPLITS = ("train", "val")
@@ -45,7 +45,7 @@ def write_tokens(path: str | os.PathLike, tokens_N: np.ndarray) -> None:
     """Writes a 1-D token array as zarr3, sharded into files of 4Mi tokens."""
     tokens_N = np.ascontiguousarray(tokens_N)
     raw = {"name": "bytes", "configuration": {"endian": "little"}}
-    spec = _array_spec(pathlib.Path(path)) | {
+    spec = _array_spec(local_path(path, "token array")) | {
         "metadata": {
             "shape": [int(tokens_N.shape[0])],
             "data_type": tokens_N.dtype.name,
@@ -105,7 +105,7 @@ def read_windows(store: ts.TensorStore, starts_B: np.ndarray, length: int) -> np
 
 def read_meta(data_dir: str | os.PathLike) -> dict:
     """The meta of a finished `prepare`; a clear error when the dir is missing or unfinished."""
-    data_dir = pathlib.Path(data_dir)
+    data_dir = local_path(data_dir, "data dir")
     redo = f"run `nvium prepare --input ... --out {data_dir}` to (re)build it"
     if not data_dir.is_dir():
         raise DataError(f"data dir {str(data_dir)!r} does not exist; {redo}")

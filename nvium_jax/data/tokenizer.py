@@ -17,6 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from nvium_jax.data.store import DataError
+from nvium_jax.paths import local_path
 
 EOS_TOKEN = "<|endoftext|>"  # the special token of the BPE we train
 _EOS_NAMES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
@@ -35,7 +36,7 @@ class Piece(NamedTuple):
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A Hugging Face `tokenizer.json`; a clear error when it is missing or does not parse."""
-    path = pathlib.Path(path)
+    path = local_path(path, "tokenizer")
     if not path.is_file():
         raise DataError(
             f"tokenizer file {str(path)!r} does not exist; pass a tokenizer.json "
@@ -91,7 +92,7 @@ def parse_spec(spec: str) -> tuple[str, int | pathlib.Path]:
                 f"{_MIN_BPE_VOCAB} (256 bytes + EOS), e.g. bpe:8192"
             )
         return "bpe", int(size)
-    return "file", pathlib.Path(spec)
+    return "file", local_path(spec, "tokenizer")
 
 
 def train_bpe(texts: Iterable[str], size: int) -> Tokenizer:

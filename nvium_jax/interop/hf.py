@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from nvium_jax.config import Config, ConfigError, ModelConfig, validate
+from nvium_jax.paths import local_path
 
 # the exit-minus-continue logit of an imported router: q ≈ 1e-7, so the mixture equals the
 # Llama to float precision, yet the gradient on the bias (≈ q) stays above Adam's epsilon
@@ -196,7 +197,7 @@ def hf_import(src, out, exits: Optional[tuple[int, ...]] = None, context: Option
     from nvium_jax.model import build_model
     from nvium_jax.runs import save_initial_params, write_run_files
 
-    src, out = pathlib.Path(src), pathlib.Path(out)
+    src, out = local_path(src, "SRC_DIR"), local_path(out, "--out")
     if not (src / "config.json").is_file():
         raise ConvertError(f"{src} has no config.json: give a Hugging Face model folder")
     _check_out(out)
@@ -256,11 +257,12 @@ def hf_export(run_dir, out, dtype: str = "float32", step: Optional[int] = None) 
 
     if dtype not in ("float32", "bfloat16"):
         raise ConvertError(f"--dtype {dtype}: give float32 or bfloat16")
-    if read_run_config(pathlib.Path(run_dir)).model.final_adapter:
+    run_dir = local_path(run_dir, "RUN_DIR")
+    if read_run_config(run_dir).model.final_adapter:
         raise ConvertError(f"{run_dir} was trained with model.final_adapter=true: a Llama has no "
                            f"adapter on its final exit, so it cannot be exported; export a run with "
                            f"model.final_adapter=false")
-    out = pathlib.Path(out)
+    out = local_path(out, "--out")
     _check_out(out)
     run = load_run(run_dir, step)
     cfg = run.model.config

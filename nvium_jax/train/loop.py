@@ -15,6 +15,7 @@ import numpy as np
 
 from nvium_jax.config import Config, ConfigError, TrainConfig
 from nvium_jax.data import TrainBatches, eval_windows, resolve_data_dir
+from nvium_jax.paths import local_path
 from nvium_jax.runs import (
     RunDirLock, checkpoint_manager, command_line, config_changes, has_checkpoints,
     holds_train_state, read_run_config, restore_checkpoint, restore_params, save_checkpoint,
@@ -172,7 +173,7 @@ def _plain(value):
 
 def train(config: Config, command: Optional[list[str]] = None) -> dict:
     """Runs (or resumes) training to `train.steps`; returns the last logged records."""
-    run_dir = pathlib.Path(config.run.dir)
+    run_dir = local_path(config.run.dir, "run.dir")
     check_data(config)
     resuming = check_resume(config, run_dir)
     mesh = make_mesh(config.mesh)
