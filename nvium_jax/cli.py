@@ -9,7 +9,7 @@ import pathlib
 import sys
 
 from nvium_jax.config import ConfigError, InputError, dump_config, load_config
-from nvium_jax.paths import local_path
+from nvium_jax.paths import data_location, local_path
 
 
 def os_error_line(err: OSError) -> str:
@@ -230,7 +230,7 @@ def _eval(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             raise ConfigError(f"--{flag.replace('_', '-')} goes with --tasks (lm-eval tasks)")
     if args.data is not None:
-        local_path(args.data, "--data")
+        data_location(args.data, "--data")
     from nvium_jax.eval.evaluate import evaluate_run
     from nvium_jax.runs import load_run
 
@@ -307,7 +307,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    local_path(args.out, "--out")
+    data_location(args.out, "--out")
     from nvium_jax.data import prepare
 
     meta = prepare(args.input, args.out, tokenizer=args.tokenizer, field=args.field,

@@ -23,7 +23,7 @@ from flax import nnx
 
 from nvium_jax.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config
 from nvium_jax.model import build_model
-from nvium_jax.paths import atomic_write_text, local_path
+from nvium_jax.paths import atomic_write_text, is_url, local_path
 
 # keys that may change when a run resumes, silently; model.* may not change at all
 RESUMABLE_CHANGES = ("train.steps", "train.keep", "train.on_nonfinite", "run.wandb", "run.dir")
@@ -366,8 +366,9 @@ def write_run_files(run_dir: pathlib.Path, config: Config, tokenizer_path: Optio
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(config))
-    if tokenizer_path is not None and tokenizer_path.resolve() != (run_dir / "tokenizer.json").resolve():
-        shutil.copyfile(tokenizer_path, run_dir / "tokenizer.json")
+    if tokenizer_path is not None and (is_url(tokenizer_path) or  # a data dir in a bucket
+                                       tokenizer_path.resolve() != (run_dir / "tokenizer.json").resolve()):
+        atomic_write_text(run_dir / "tokenizer.json", tokenizer_path.read_text(encoding="utf-8"))
     record = provenance(command)
     path = run_dir / "provenance.json"
     if path.is_file():

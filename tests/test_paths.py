@@ -1,6 +1,7 @@
-"""The path layer: a URL of a scheme not supported is refused in one line naming the value
-and what is supported — through the CLI (exit 2, one `error:` line) and the Python API —
-and is never folded into a local folder (`s3://b/run` → `./s3:/b/run`)."""
+"""The path layer: a URL of a scheme not supported (any URL for a run dir, any but s3:// for a
+data dir) is refused in one line naming the value and what is supported — through the CLI
+(exit 2, one `error:` line) and the Python API — and is never folded into a local folder
+(`s3://b/run` → `./s3:/b/run`)."""
 
 import dataclasses
 import pathlib
@@ -61,7 +62,7 @@ def test_train_cli_refuses_an_s3_run_dir_in_one_line(tmp_path):
     (["train", "--config", TINY, "train.beta_match=s3://b/baseline"], "train.beta_match='s3://b/baseline'"),
     (["train", "--config", TINY, "data.tokenizer=s3://b/tokenizer.json"], "data.tokenizer="),
     (["train", "--config", TINY, "--print-config", "run.dir=s3://b/run"], "run.dir='s3://b/run'"),
-    (["prepare", "--input", "corpus.txt", "--out", "s3://my-bucket/data"], "--out='s3://my-bucket/data'"),
+    (["prepare", "--input", "corpus.txt", "--out", "gs://my-bucket/data"], "--out='gs://my-bucket/data'"),
     (["prepare", "--input", "corpus.txt", "--out", "data", "--tokenizer", "gs://b/tok.json"],
      "tokenizer='gs://b/tok.json'"),
     (["eval", "--run", "s3://my-bucket/run"], "--run='s3://my-bucket/run'"),
@@ -108,7 +109,7 @@ def test_python_api_refuses_urls(tmp_path, monkeypatch):
     for call, value in [
         (lambda: load_run("s3://b/run"), "s3://b/run"),
         (lambda: prepare([str(corpus)], "gs://b/data", tokenizer="bpe:300"), "gs://b/data"),
-        (lambda: read_meta("s3://b/data"), "s3://b/data"),
+        (lambda: read_meta("gs://b/data"), "gs://b/data"),
         (lambda: hf_import(str(tmp_path), "s3://b/run"), "s3://b/run"),
         (lambda: hf_export("gs://b/run", str(tmp_path / "hf")), "gs://b/run"),
     ]:

@@ -17,7 +17,7 @@ import re
 import sys
 
 from nvium_jax.config import Config
-from nvium_jax.paths import atomic_write_text, local_path
+from nvium_jax.paths import atomic_write_text, data_location
 from nvium_jax.data.prepare import prepare
 from nvium_jax.data.store import DataError, read_meta
 from nvium_jax.data.tokenizer import load_tokenizer, parse_spec, tokenizer_hash
@@ -96,7 +96,7 @@ def resolve_data_dir(config: Config, cache_dir: str | os.PathLike | None = None)
         cache = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
         data_dir = _embedded_dir(config, spec, cache)
     else:
-        data_dir = local_path(config.data.path, "data.path")
+        data_dir = data_location(config.data.path, "data.path")
     meta = read_meta(data_dir)
     _check_tokenizer(config, data_dir, meta)
     return data_dir

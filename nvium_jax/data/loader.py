@@ -16,6 +16,7 @@ import pathlib
 import numpy as np
 
 from nvium_jax.data.store import DataError, open_tokens, read_meta, read_windows
+from nvium_jax.paths import data_location
 
 _ROUNDS = 4  # Feistel rounds of the window permutation
 _MAX_STEPS = 1 << 62  # the batch stream is endless; grain needs a length
@@ -96,7 +97,7 @@ class TrainBatches:
                  process_index: int = 0, process_count: int = 1, workers: int = 0,
                  prefetch: int = 2, split: str = "train"):
         _check_layout(context, global_batch, process_index, process_count, workers, prefetch, split)
-        self.data_dir = pathlib.Path(data_dir)
+        self.data_dir = data_location(data_dir, "data dir")
         self._meta = read_meta(self.data_dir)
         self.n_windows = window_count(self._meta[f"{split}_tokens"], context)
         if self.n_windows < 1:

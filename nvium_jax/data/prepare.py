@@ -27,7 +27,9 @@ from nvium_jax.data.readers import ReadCounts, expand_inputs, input_record, read
 from nvium_jax.data.store import (
     FORMAT, SPLITS, DataError, read_meta, token_dtype, write_meta, write_tokens,
 )
-from nvium_jax.paths import local_path
+from nvium_jax.paths import (
+    check_bucket, data_location, is_url, store_error, store_errors, upload_tree,
+)
 from nvium_jax.data.tokenizer import (
     Piece, encode_in_worker, encode_pieces, init_worker, load_tokenizer, parse_spec,
     special_ids, tokenizer_hash, train_bpe, vocab_size,
@@ -56,8 +58,8 @@ def prepare(
     paths = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
     kind, arg = parse_spec(tokenizer)
     given = load_tokenizer(arg) if kind == "file" else None
-    out = local_path(out_dir, "out_dir")
-    if out.exists() and not out.is_dir():
+    out = data_location(out_dir, "out_dir")
+    if not is_url(out) and out.exists() and not out.is_dir():
         raise DataError(f"output {str(out)!r} is a file; pass a directory to --out")
     request = {
         "inputs": [input_record(p) for p in paths],
@@ -69,6 +71,9 @@ def prepare(
     done = _finished_meta(out)
     if done is not None and _same_request(done, request, out):
         return done
+    if is_url(out):
+        check_bucket(out, "out_dir")
+        return _build_remote(paths, out, request, given, workers, strict, progress)
     return _build(paths, out, request, given, workers, strict, progress)
 
 
@@ -112,6 +117,28 @@ def _build(paths, out, request, given, workers, strict, progress) -> dict:
             shutil.rmtree(out, ignore_errors=True)
         raise
     shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def _build_remote(paths, out, request, given, workers, strict, progress) -> dict:
+    """An object store has no rename: build on the local disk, drop the old meta.json (so no
+    reader trusts a dir being replaced), put every array and tokenizer object, meta.json last."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="nvium-prepare-") as tmp:
+        local = pathlib.Path(tmp) / "data"
+        meta = _build(paths, local, request, given, workers, strict, progress)
+        old_meta = out / "meta.json"
+        try:
+            if old_meta.exists():
+                old_meta.unlink()
+            for split in SPLITS:
+                if (out / split).exists():
+                    (out / split).rmtree()
+        except store_errors() as err:
+            raise store_error(out, err, "replacing the old contents of") from None
+        upload_tree(local, out, skip=("meta.json",))
+        write_meta(out, meta)
     return meta
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 
 import numpy as np
 import tensorstore as ts
 
 from nvium_jax.config import ConfigError
-from nvium_jax.paths import atomic_write_text, local_path
+from nvium_jax.paths import data_location, kvstore_spec, store_error, store_errors, url_scheme, write_text
 
 FORMAT = "nvium-tokens/1"
 SPLITS = ("train", "val")
@@ -37,15 +36,15 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def _array_spec(path: pathlib.Path) -> dict:
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+def _array_spec(path) -> dict:
+    return {"driver": "zarr3", "kvstore": kvstore_spec(path)}
 
 
 def write_tokens(path: str | os.PathLike, tokens_N: np.ndarray) -> None:
     """Writes a 1-D token array as zarr3, sharded into files of 4Mi tokens."""
     tokens_N = np.ascontiguousarray(tokens_N)
     raw = {"name": "bytes", "configuration": {"endian": "little"}}
-    spec = _array_spec(local_path(path, "token array")) | {
+    spec = _array_spec(data_location(path, "token array")) | {
         "metadata": {
             "shape": [int(tokens_N.shape[0])],
             "data_type": tokens_N.dtype.name,
@@ -68,7 +67,7 @@ def write_tokens(path: str | os.PathLike, tokens_N: np.ndarray) -> None:
 
 def open_tokens(data_dir: str | os.PathLike, split: str, meta: dict) -> ts.TensorStore:
     """Opens a split for reading; checks its length and dtype against meta."""
-    path = pathlib.Path(data_dir) / split
+    path = data_location(data_dir, "data dir") / split
     try:
         context = ts.Context({"cache_pool": {"total_bytes_limit": _CACHE_BYTES}})
         store = ts.open(_array_spec(path), open=True, read=True, context=context).result()
@@ -105,10 +104,16 @@ def read_windows(store: ts.TensorStore, starts_B: np.ndarray, length: int) -> np
 
 def read_meta(data_dir: str | os.PathLike) -> dict:
     """The meta of a finished `prepare`; a clear error when the dir is missing or unfinished."""
-    data_dir = local_path(data_dir, "data dir")
+    data_dir = data_location(data_dir, "data dir")
     redo = f"run `nvium prepare --input ... --out {data_dir}` to (re)build it"
-    if not data_dir.is_dir():
-        raise DataError(f"data dir {str(data_dir)!r} does not exist; {redo}")
+    try:
+        found = data_dir.is_dir()
+    except store_errors() as err:
+        raise store_error(data_dir, err, "reading data dir") from None
+    if not found:
+        reach = " (or its bucket cannot be reached: check the bucket name, the credentials and " \
+                "AWS_ENDPOINT_URL)" if url_scheme(data_dir) else ""
+        raise DataError(f"data dir {str(data_dir)!r} does not exist{reach}; {redo}")
     path = data_dir / "meta.json"
     if not path.is_file():
         raise DataError(
@@ -141,5 +146,5 @@ def _meta_problem(meta) -> str | None:
 
 
 def write_meta(data_dir: str | os.PathLike, meta: dict) -> None:
-    """Writes meta.json atomically (temp file, fsync, rename): it is there whole or not at all."""
-    atomic_write_text(pathlib.Path(data_dir) / "meta.json", json.dumps(meta, indent=1))
+    """Writes meta.json whole or not at all (a rename on disk, one PUT on an object store)."""
+    write_text(data_location(data_dir, "data dir") / "meta.json", json.dumps(meta, indent=1))

@@ -17,7 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from nvium_jax.data.store import DataError
-from nvium_jax.paths import local_path
+from nvium_jax.paths import data_location, local_path
 
 EOS_TOKEN = "<|endoftext|>"  # the special token of the BPE we train
 _EOS_NAMES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
@@ -36,7 +36,7 @@ class Piece(NamedTuple):
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A Hugging Face `tokenizer.json`; a clear error when it is missing or does not parse."""
-    path = local_path(path, "tokenizer")
+    path = data_location(path, "tokenizer")  # a data dir's own may sit in a bucket
     if not path.is_file():
         raise DataError(
             f"tokenizer file {str(path)!r} does not exist; pass a tokenizer.json "

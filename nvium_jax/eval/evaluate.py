@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from nvium_jax.eval.scoring import TokenScores, score_tokens
-from nvium_jax.paths import local_path
+from nvium_jax.paths import data_location
 
 FREQUENCY_RANKS = (1, 11, 101, 1001, 10001)  # bucket starts: the 10 most frequent types, …
 COUNT_LIMIT = 1 << 24  # training tokens counted for the frequency ranks
@@ -187,7 +187,7 @@ def check_eval_data(run, run_dir, data_dir) -> pathlib.Path:
         except (OSError, ValueError) as err:
             raise ConfigError(f"the data of run {run_dir} cannot be read here ({err}); "
                               f"pass --data DIR, a dir prepared with the run's tokenizer") from None
-    data_dir = local_path(data_dir, "--data")
+    data_dir = data_location(data_dir, "--data")
     meta = read_meta(data_dir)
     if run.tokenizer is not None and meta["tokenizer"]["hash"] != tokenizer_hash(run.tokenizer):
         raise ConfigError(
