@@ -76,6 +76,8 @@ def kvstore_spec(path: Any) -> dict:
     spec = {"driver": "s3", "bucket": bucket, "path": key.rstrip("/") + "/"}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if os.environ.get("AWS_ACCESS_KEY_ID"):  # else tensorstore's default chain (profile, instance role)
+        spec["aws_credentials"] = {"type": "environment"}
     if endpoint:
         spec["endpoint"] = endpoint
         spec["aws_region"] = region or "us-east-1"
