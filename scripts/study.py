@@ -86,8 +86,8 @@ def decode_speed(model, prompts: np.ndarray, args, exit_rates=None) -> dict:
     runs = [bench_decode(model, prompts=p[None], max_new_tokens=args.max_new_tokens,
                          exit_rates=exit_rates, repeats=args.repeats) for p in prompts]
     row = {key: round(statistics.median(r[key] for r in runs), 4) for key in BENCH_KEYS}
-    row["exit_distribution"] = [round(float(x), 4)
-                                for x in np.mean([r["exit_distribution"] for r in runs], axis=0)]
+    shares = np.mean([r["exit_distribution"] for r in runs], axis=0)
+    row["exit_distribution"] = (shares / shares.sum()).tolist()  # unrounded: rates to force
     row["new_tokens"] = runs[0]["new_tokens"]
     return row
 
