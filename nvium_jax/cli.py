@@ -503,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("generate", "eval", "bench"):  # the commands that compile to decode or score
+        from nvium_jax.compile_cache import enable_compile_cache
+
+        enable_compile_cache()
     try:
         return args.handler(args)
     except InputError as err:  # a user's mistake: one line, no traceback; a bug keeps its traceback

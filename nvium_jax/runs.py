@@ -21,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from nvium_jax.compile_cache import enable_compile_cache
 from nvium_jax.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config
 from nvium_jax.model import build_model
 from nvium_jax.paths import atomic_write_text, is_url, local_path
@@ -386,7 +387,10 @@ def load_run(run_dir, step: Optional[int] = None, *, device=None) -> Run:
 
     The parameters are restored whole onto one device of this process (`device`, default
     its first), whatever mesh trained the run: a run trained on a pod loads on a laptop.
+    It turns on JAX's persistent compilation cache (`nvium_jax.compile_cache`; off with
+    NVIUM_COMPILE_CACHE=off), so a new process decodes without compiling again.
     """
+    enable_compile_cache()
     run_dir = local_path(run_dir, "run dir")
     config = read_run_config(run_dir)
     step, _ = verified_step(run_dir, step, items=("params",))  # what it reads

@@ -14,6 +14,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval tasks in tests read local files only
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NVIUM_COMPILE_CACHE", "off")  # tests compile afresh, write no user cache
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
