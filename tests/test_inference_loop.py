@@ -59,7 +59,7 @@ PER_EXIT = dict(sampling="exit", temperature=0.6, top_k=5, top_p=0.9, router_tem
 
 
 @pytest.mark.parametrize("batch, mode, sampler", [
-    (4, "deferred", {}), (4, "dense", {}),
+    pytest.param(4, "deferred", {}, id="4-deferred"), pytest.param(4, "dense", {}, id="4-dense"),
     pytest.param(4, "deferred", PER_EXIT, id="4-deferred-per-exit", marks=pytest.mark.slow)])
 def test_no_cache_copies_and_one_conditional_per_deep_segment(model, batch, mode, sampler):
     """Per-exit sampling adds no conditional: its gates and head transform are arithmetic."""
