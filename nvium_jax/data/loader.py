@@ -11,7 +11,6 @@ takes rows [h·B/H, (h+1)·B/H) — so any number of processes trains on the sam
 from __future__ import annotations
 
 import os
-import pathlib
 
 import numpy as np
 
