@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 from flax import nnx
+from scipy import stats
 from scipy.special import erf
 
 
@@ -126,3 +127,14 @@ def mixture_logp_naive(exit_logp_KxBxTxV, route_logp_BxTxK):
     """log Σ_k π_k p_k, summing probabilities directly (no log-space trick)."""
     probs = np.einsum("kbtv,btk->btv", np.exp(exit_logp_KxBxTxV), np.exp(route_logp_BxTxK))
     return np.log(probs)
+
+
+def chi_square_p(counts, expected_probs, n: int) -> float:
+    """Pearson's test of observed counts against n draws of `expected_probs`, the cells
+    expecting fewer than 5 pooled into one."""
+    expected = expected_probs.ravel() * n
+    counts = counts.ravel()
+    small = expected < 5
+    observed = np.append(counts[~small], counts[small].sum())
+    expected = np.append(expected[~small], expected[small].sum())
+    return stats.chisquare(observed, expected).pvalue

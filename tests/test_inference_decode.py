@@ -8,13 +8,12 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
 
 from nvium_jax.config import ModelConfig
 from nvium_jax.inference import DecodeOptions, flush, generate
 from nvium_jax.inference.sampling import truncate_logits
 from nvium_jax.model import build_model, mixture_logprobs
-from tests.reference import randomize_exit_weights
+from tests.reference import chi_square_p, randomize_exit_weights
 
 CFG = ModelConfig(
     vocab_size=37, n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, context=96,
@@ -248,15 +247,6 @@ def joint_first_three(model, prompt, vocab, final_exit_only=False):
     p3 = np.exp(logp[:, P + 1]).reshape(V, V, V)  # [y1, y2, y3]
     joint = p1[:, None, None] * p2[:, :, None] * p3
     return joint / joint.sum()
-
-
-def chi_square_p(counts, expected_probs, n):
-    expected = expected_probs.ravel() * n
-    counts = counts.ravel()
-    small = expected < 5
-    observed = np.append(counts[~small], counts[small].sum())
-    expected = np.append(expected[~small], expected[small].sum())
-    return stats.chisquare(observed, expected).pvalue
 
 
 @pytest.mark.slow

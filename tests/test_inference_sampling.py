@@ -9,12 +9,11 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from scipy import stats
 
 from nvium_jax.config import ModelConfig
 from nvium_jax.inference import DecodeOptions, generate
 from nvium_jax.model import build_model
-from tests.reference import randomize_exit_weights
+from tests.reference import chi_square_p, randomize_exit_weights
 
 # vocabulary 96, so top-k 50 truncates
 CFG = ModelConfig(
@@ -143,15 +142,6 @@ def joint_first_three(model, prompt, vocab, **law) -> np.ndarray:
     joint = p1[:, None, None] * p2[:, :, None] * p3
     assert P == len(prompt)
     return joint / joint.sum()
-
-
-def chi_square_p(counts, expected_probs, n):
-    expected = expected_probs.ravel() * n
-    counts = counts.ravel()
-    small = expected < 5
-    observed = np.append(counts[~small], counts[small].sum())
-    expected = np.append(expected[~small], expected[small].sum())
-    return stats.chisquare(observed, expected).pvalue
 
 
 @pytest.mark.slow
