@@ -166,7 +166,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
         ax.set_xlabel("decode speedup over the matched baseline (batch 1)")
         ax.set_ylabel("held-out perplexity ÷ baseline")
         ax.set_title(f"{size}: speed versus quality")
-        ax.legend(fontsize="x-small")
+        ax.legend(fontsize="x-small", loc="center right")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
@@ -233,7 +233,8 @@ def main(argv=None) -> int:
               "command": " ".join(["python -m scripts.study", *sys.argv[1:]]), "results": results}
     (out / "study.json").write_text(json.dumps(record, indent=2))
     print(table(results))
-    print(f"\nplot: {args.plot}; records: {out / 'study.json'}", file=sys.stderr)
+    print(f"\n{'' if args.quality_only else f'plot: {args.plot}; '}records: {out / 'study.json'}",
+          file=sys.stderr)
     return 0
 
 
