@@ -19,6 +19,11 @@ os.environ.setdefault("NVIUM_COMPILE_CACHE", "off")  # tests compile afresh, wri
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# no persistent compilation cache in the test process, whoever sets its directory (one run
+# of the suite crashed inside XLA's compile on that path); tests/test_compile_cache.py
+# checks the cache in processes of its own
+jax.config.update("jax_enable_compilation_cache", False)
+
 from nvium_jax.config import ModelConfig  # noqa: E402
 
 
