@@ -1,5 +1,6 @@
 """Tests run on CPU with 8 simulated devices, float32; set before jax is imported."""
 
+import gc
 import os
 import pathlib
 
@@ -19,12 +20,18 @@ os.environ.setdefault("NVIUM_COMPILE_CACHE", "off")  # tests compile afresh, wri
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# no persistent compilation cache in the test process, whoever sets its directory (one run
-# of the suite crashed inside XLA's compile on that path); tests/test_compile_cache.py
-# checks the cache in processes of its own
-jax.config.update("jax_enable_compilation_cache", False)
-
 from nvium_jax.config import ModelConfig  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops jax's compiled programs after each test module. XLA's CPU backend maps its
+    JIT'd code in many small regions (≈ 1,500 per decode loop on 2026-12's jax 0.10), and a
+    process that keeps them all passes Linux's vm.max_map_count (65,530) part-way through
+    the suite, where the next compile segfaults."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
