@@ -9,7 +9,10 @@ Schedules: `lockstep` (a deep segment runs whenever a row needs it; rows that do
 masked), `advance` (lockstep, and masked rows advance their own pending blocks through the
 running segment), `wait` (a row waits until ≈ 3/8 of the batch needs its segment, or for
 at most `wait_age` iterations), `wait+advance` (both). Every schedule returns the same tokens.
-Tokens/s are those of the decode loop; the prefill is timed apart (`prefill_s`).
+Tokens/s are those of the decode loop; the prefill is timed apart (`prefill_s`). The device's
+streaming-read bandwidth is measured once (`bandwidth_gbps`, in the table's header) and each
+path's byte-model GB/s is given as a fraction of it (`*_roofline`): run under `taskset -c 0`
+to see the same on one core.
 `--sampling exit --temperature T --top-k K --top-p P --router-temperature R` benchmarks
 per-exit sampling (the baseline runs the same head transform).
 
@@ -28,15 +31,15 @@ import json
 import sys
 
 from nvium_jax.config import load_config
-from nvium_jax.eval.decode_bench import REFERENCE_EXIT_RATES, bench_decode
+from nvium_jax.eval.decode_bench import PATHS, REFERENCE_EXIT_RATES, bench_decode, stream_read_gbps
 from nvium_jax.model import build_model
 
 COLUMNS = ("prompt_tokens", "batch", "schedule", "nvium_tokens_per_s", "dense_tokens_per_s",
            "baseline_tokens_per_s", "speedup", "speedup_vs_dense", "ideal_speedup", "efficiency",
-           "flushes")
+           "nvium_roofline", "dense_roofline", "baseline_roofline", "flushes")
 GRID_COLUMNS = ("prompt_tokens", "head", "router", "exit_distribution", "nvium_tokens_per_s",
                 "dense_tokens_per_s", "baseline_tokens_per_s", "speedup", "speedup_vs_dense",
-                "ideal_speedup", "efficiency")
+                "ideal_speedup", "efficiency", "nvium_roofline", "baseline_roofline")
 PAPER_HEADS = {"greedy": dict(temperature=0.0), "T0.6": dict(temperature=0.6),
                "T1.0 top-k 50": dict(temperature=1.0, top_k=50)}
 PAPER_ROUTERS = {"greedy": 0.0, "T0.6": 0.6, "T1.0": 1.0}
@@ -90,15 +93,17 @@ def main(argv=None) -> int:
     config = load_config(args.config, args.overrides)
     model = build_model(config.model, seed=0)
     rates = [float(x) for x in args.exit_rates.split(",")]
+    bandwidth = stream_read_gbps()
     records = []
     for cell in cells(args):
         names = {key: cell.pop(key) for key in ("head", "router") if key in cell}
         record = bench_decode(
             model, max_new_tokens=args.max_new_tokens, exit_rates=rates, repeats=args.repeats,
             window=config.decode.window if args.window is None else args.window,
-            attention=args.attention or config.decode.attention, **cell,
+            attention=args.attention or config.decode.attention, bandwidth_gbps=bandwidth, **cell,
         )
         record["schedule"] = cell["schedule"] if cell["batch"] > 1 else "-"
+        record |= {f"{path}_roofline": record["roofline_fraction"][path] for path in PATHS}
         records.append(record | names)
         print(json.dumps(records[-1]), file=sys.stderr, flush=True)
     if args.json:
@@ -109,7 +114,8 @@ def main(argv=None) -> int:
         f"{k}={records[0][k]}" for k in ("sampling", "temperature", "top_k", "top_p",
                                          "router_temperature"))
     print(f"{records[0]['device']}, {args.config} {' '.join(args.overrides)}, exit rates {rates}, "
-          f"{sampler}, {records[0]['new_tokens']} new tokens per row, {datetime.date.today()}\n")
+          f"{sampler}, {records[0]['new_tokens']} new tokens per row, streaming read "
+          f"{bandwidth:.1f} GB/s, {datetime.date.today()}\n")
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for record in records:

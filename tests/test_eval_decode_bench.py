@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nvium_jax.cli import main
-from nvium_jax.config import ModelConfig
+from nvium_jax.config import ModelConfig, load_config
 from nvium_jax.eval.decode_bench import (
     REFERENCE_EXIT_RATES,
     byte_costs,
@@ -18,6 +18,7 @@ from nvium_jax.eval.decode_bench import (
 )
 from nvium_jax.inference import generate
 from nvium_jax.model import build_model
+from nvium_jax.model.count import matched_baseline_model
 
 CFG = ModelConfig(vocab_size=50, n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48,
                   context=64, exits=(1, 2, 3), dtype="float32")
@@ -84,6 +85,24 @@ def test_bench_decode_cli_json(capsys):
     assert record["efficiency"] == pytest.approx(record["speedup_vs_dense"] / record["ideal_speedup"], rel=1e-3)
     assert record["speedup"] == pytest.approx(record["nvium_tokens_per_s"] / record["baseline_tokens_per_s"], rel=1e-3)
     assert 1.0 < record["ideal_speedup"] < 4.0
+    # bytes per token: dense and the baseline read every weight once per iteration (shared by
+    # the batch of 2), and per row the KV of every layer below each fed position (P + n for
+    # new token n ≥ 1)
+    nvium_cfg = load_config(args[3], args[4:9]).model
+    positions = np.mean([5 + n for n in range(1, 6)])
+    for path, cfg in (("dense", nvium_cfg), ("baseline", matched_baseline_model(nvium_cfg))):
+        costs = byte_costs(cfg)
+        expected = ((sum(costs.segment_K) + sum(costs.router_K) + sum(costs.adapter_K)
+                     + costs.head) / 2 + costs.kv_per_layer_position * cfg.n_layers * positions)
+        assert record["bytes_per_token"][path] == pytest.approx(expected, abs=1)
+    per_token = record["bytes_per_token"]
+    assert per_token["dense"] / per_token["nvium"] == pytest.approx(record["ideal_speedup"], rel=1e-3)
+    for path in ("nvium", "dense", "baseline"):
+        gbps = per_token[path] * record[f"{path}_tokens_per_s"] / 1e9
+        assert record["gbps"][path] == pytest.approx(gbps, rel=1e-2, abs=1e-3)
+        assert record["roofline_fraction"][path] == pytest.approx(
+            record["gbps"][path] / record["bandwidth_gbps"], rel=1e-2, abs=1e-4)
+    assert record["bandwidth_gbps"] > 0
     assert main(args[:-3] + ["--exit-rates", "0.5,0.5"]) == 2
     assert "has 2 numbers but the model has 4 exits" in capsys.readouterr().err
 
@@ -127,10 +146,12 @@ def test_paper_grid_reaches_bench_decode(monkeypatch, capsys):
 
     def fake(model, **kwargs):
         calls.append(kwargs)
-        return {k: 0 for k in script.GRID_COLUMNS} | {"device": "cpu", "new_tokens": 128,
-                                                       "prompt_tokens": kwargs["prompt_tokens"]}
+        return {k: 0 for k in script.GRID_COLUMNS} | {
+            "device": "cpu", "new_tokens": 128, "prompt_tokens": kwargs["prompt_tokens"],
+            "roofline_fraction": dict.fromkeys(script.PATHS, 0.5)}
 
     monkeypatch.setattr(script, "bench_decode", fake)
+    monkeypatch.setattr(script, "stream_read_gbps", lambda: 30.0)
     monkeypatch.setattr(script, "build_model", lambda cfg, seed: None)
     assert script.main(["--config", "configs/nvium-tiny.yaml", "--paper-grid"]) == 0
     cells = {(c["prompt_tokens"], c["temperature"], c["top_k"], c["router_temperature"]) for c in calls}

@@ -18,12 +18,22 @@ head once per iteration, and per running row the KV of the segment's layers belo
 position. The decode loop counts those runs (`DecodeState.segment_runs_K`, `exit_runs_K`,
 `head_runs`, `kv_reads`), so `ideal_speedup = dense bytes / deferred bytes` for the very
 tokens both produced.
+
+How far each path is from the physical limit: `bytes_per_token` (the byte model's count for
+that path's own decode, over its new tokens), `gbps` (those bytes at its measured tokens/s)
+and `roofline_fraction`, that over `bandwidth_gbps` — the device's streaming-read bandwidth,
+measured once per benchmark process by `stream_read_gbps` (the best of a reduction and a
+matrix-vector product over a buffer far larger than the caches: the decode loop's weight
+reads are matrix-vector products). Pinned to fewer cores (`taskset -c 0`) the same read
+measures what those cores can draw, so the fractions stay comparable across hosts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
+import time
 from typing import Optional, Sequence
 
 import jax
@@ -45,6 +55,8 @@ from nvium_jax.model.transformer import compute_dtype
 
 REFERENCE_EXIT_RATES = (0.35, 0.25, 0.15, 0.25)
 PROMPT_TOKENS = 16  # the default prompt length
+STREAM_BYTES = 256 << 20  # the read buffer of `stream_read_gbps`: far above any cache
+PATHS = ("nvium", "dense", "baseline")  # the decodes one benchmark compares
 
 
 def gate_probabilities(exit_rates: Sequence[float]) -> list[float]:
@@ -111,6 +123,32 @@ def bytes_read(state, costs: ByteCosts) -> float:
     )
 
 
+def _median_call_s(fn, arg, repeats: int) -> float:
+    jax.block_until_ready(fn(arg))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(arg))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@functools.lru_cache(maxsize=None)
+def stream_read_gbps(nbytes: int = STREAM_BYTES, repeats: int = 9) -> float:
+    """GB/s (10⁹ bytes) the default device reads from its memory: the faster of a sum over
+    `nbytes` of float32 and a matrix-vector product with a [nbytes / 4096, 1024] matrix (the
+    decode loop's weight reads), each the median of `repeats` calls. Measured once per
+    process (cached); the buffer is freed after."""
+    rows = max(1, nbytes // 4096)
+    matrix = jnp.ones((rows, 1024), jnp.float32)
+    vector = jnp.ones((1024,), jnp.float32)
+    read = float(matrix.size * matrix.dtype.itemsize)
+    best_s = min(_median_call_s(jax.jit(jnp.sum), matrix, repeats),
+                 _median_call_s(jax.jit(lambda m: m @ vector), matrix, repeats))
+    del matrix
+    return read / best_s / 1e9
+
+
 def bench_prompts(vocab_size: int, batch: int, prompt_tokens: int = PROMPT_TOKENS,
                   seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab_size, (batch, prompt_tokens), np.int32)
@@ -134,9 +172,11 @@ def bench_decode(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     router_temperature: float = 1.0,
+    bandwidth_gbps: Optional[float] = None,
 ) -> dict:
     """Tokens/s of deferred, dense and the matched baseline on the same prompts (DESIGN §3
-    keys), plus the byte model's ideal speedup and the measured exit distribution.
+    keys), plus the byte model's ideal speedup, the measured exit distribution, and per path
+    its bytes per token, GB/s and fraction of `bandwidth_gbps` (measured when not given).
     `prompts` (a [B, P] int array, e.g. cut from held-out text) replaces the random ones,
     setting `batch` and `prompt_tokens`. All three decode with the same sampler: under
     `sampling="exit"` the baseline (one exit) runs the same head transform, which is also
@@ -180,8 +220,14 @@ def bench_decode(
     deferred, dense = outputs["nvium"], outputs["dense"]
     if not np.array_equal(deferred.tokens_BxN, dense.tokens_BxN) and cfg.dtype == "float32":
         raise RuntimeError("deferred and dense decoding disagree in float32: a bug, please report")
-    costs = byte_costs(cfg)
-    ideal = bytes_read(dense.state, costs) / bytes_read(deferred.state, costs)
+    costs = {"nvium": byte_costs(cfg), "dense": byte_costs(cfg),
+             "baseline": byte_costs(baseline.config)}
+    per_token = {name: bytes_read(out.state, costs[name]) / int((out.lengths_B - 1).sum())
+                 for name, out in outputs.items()}
+    ideal = per_token["dense"] / per_token["nvium"]  # the same tokens: bytes per token's ratio
+    if bandwidth_gbps is None:
+        bandwidth_gbps = stream_read_gbps()
+    gbps = {name: per_token[name] * rate[name] / 1e9 for name in PATHS}
     exits = deferred.exits_BxN[deferred.exits_BxN >= 0]
     distribution = np.bincount(exits, minlength=cfg.n_exits) / max(1, exits.size)
     speedup_vs_dense = rate["nvium"] / rate["dense"]
@@ -200,6 +246,10 @@ def bench_decode(
         "ideal_speedup": round(ideal, 4),
         "efficiency": round(speedup_vs_dense / ideal, 4),
         "prefill_s": {name: round(median(name, "prefill_s"), 4) for name in runs},
+        "bytes_per_token": {name: round(per_token[name]) for name in PATHS},
+        "gbps": {name: round(gbps[name], 3) for name in PATHS},
+        "roofline_fraction": {name: round(gbps[name] / bandwidth_gbps, 4) for name in PATHS},
+        "bandwidth_gbps": round(bandwidth_gbps, 3),
         "flushes": deferred.flushes,
         "schedule": schedule if batch > 1 else "batch 1",
         **sampler,
