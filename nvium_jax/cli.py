@@ -226,7 +226,7 @@ def _eval(args: argparse.Namespace) -> int:
     local_path(args.run, "--run")
     if args.tasks:
         return _eval_tasks(args)
-    for flag in ("include_path", "limit", "exit"):
+    for flag in ("include_path", "limit", "exit", "sampling"):
         if getattr(args, flag) is not None:
             raise ConfigError(f"--{flag.replace('_', '-')} goes with --tasks (lm-eval tasks)")
     if args.data is not None:
@@ -265,7 +265,8 @@ def _eval_tasks(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = run_tasks(args.run, tasks, include_path=args.include_path, limit=limit,
-                        exit=args.exit, step=args.step, batch_size=args.batch_size or 8)
+                        exit=args.exit, step=args.step, batch_size=args.batch_size or 8,
+                        sampling=args.sampling or "mixture")
     if args.json:
         keep = ("results", "groups", "versions", "n-shot", "higher_is_better", "n-samples")
         print(json.dumps({k: results[k] for k in keep if k in results}, default=str))
@@ -456,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (testing)")
     ev.add_argument("--exit", type=int, default=None,
                     help="lm-eval: score with exit K alone (0-based) instead of the mixture")
+    ev.add_argument("--sampling", choices=["mixture", "exit"], default=None,
+                    help="lm-eval generation: mixture (default; greedy tasks decode densely) or "
+                         "exit (route first, then the chosen exit: greedy tasks decode deferred)")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(handler=_eval)
 

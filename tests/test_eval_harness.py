@@ -234,3 +234,19 @@ def test_nvium_eval_tasks_cli(trained_run, tasks_dir, capsys):
         assert main(["eval", "--run", str(run_dir), *argv]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_nvium_eval_sampling_reaches_the_adapter(monkeypatch, capsys):
+    """`nvium eval --tasks T --sampling exit` hands sampling=exit to the lm-eval model (the
+    decode it selects is tested above); without --tasks it is one clear error."""
+    import nvium_jax.eval.harness as harness
+
+    calls = []
+    monkeypatch.setattr(harness, "run_tasks", lambda *a, **kw: calls.append(kw) or {"results": {}})
+    for argv, sampling in ([], "mixture"), (["--sampling", "exit"], "exit"):
+        assert main(["eval", "--run", "runs/x", "--tasks", "t", "--json", *argv]) == 0
+        assert calls[-1]["sampling"] == sampling
+    capsys.readouterr()
+    assert main(["eval", "--run", "runs/x", "--sampling", "exit"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --sampling goes with --tasks (lm-eval tasks)\n", err
