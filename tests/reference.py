@@ -138,3 +138,30 @@ def chi_square_p(counts, expected_probs, n: int) -> float:
     observed = np.append(counts[~small], counts[small].sum())
     expected = np.append(expected[~small], expected[small].sum())
     return stats.chisquare(observed, expected).pvalue
+
+
+def peaked_model(cfg, vocab: int = 6):
+    """The chi-square tests' subject: a `vocab`-token model whose gates fire often (router
+    bias −0.4, exit weights scaled up) and whose exits' distributions clearly differ (head
+    × 60), so a sampler drawing from the wrong exit or law is caught."""
+    import dataclasses
+
+    from nvium_jax.model import build_model
+
+    model = build_model(dataclasses.replace(cfg, vocab_size=vocab, router_bias_init=-0.4), seed=3)
+    randomize_exit_weights(model, seed=4, scale=2.0)
+    model.head[...] = model.head[...] * 60.0
+    return model
+
+
+def check_first_three(out, joint, wrong, n_exits: int) -> None:
+    """`generate`'s first three tokens of n identical prompts (`out`) follow the joint law
+    `joint` [V, V, V] (chi-square), the exits vary enough for that to test routing, and the
+    same test rejects `n` draws from the planted wrong law `wrong` (its power)."""
+    exits, n = out.exits_BxN, out.tokens_BxN.shape[0]
+    assert 0.2 <= np.mean(exits < n_exits - 1) and np.mean(exits[:, 1:] > 0) >= 0.2
+    counts = np.zeros(joint.shape)
+    np.add.at(counts, tuple(out.tokens_BxN.T), 1)
+    assert chi_square_p(counts, joint, n) > 1e-3
+    wrong_counts = np.random.default_rng(0).multinomial(n, wrong.ravel())
+    assert chi_square_p(wrong_counts, joint, n) < 1e-6

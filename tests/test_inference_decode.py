@@ -13,7 +13,7 @@ from nvium_jax.config import ModelConfig
 from nvium_jax.inference import DecodeOptions, flush, generate
 from nvium_jax.inference.sampling import truncate_logits
 from nvium_jax.model import build_model, mixture_logprobs
-from tests.reference import chi_square_p, randomize_exit_weights
+from tests.reference import check_first_three, peaked_model, randomize_exit_weights
 
 CFG = ModelConfig(
     vocab_size=37, n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, context=96,
@@ -251,23 +251,11 @@ def joint_first_three(model, prompt, vocab, final_exit_only=False):
 
 @pytest.mark.slow
 def test_first_three_tokens_follow_the_exact_mixture():
-    vocab, n = 6, 5000
-    cfg = dataclasses.replace(CFG, vocab_size=vocab, router_bias_init=-0.4)
-    model = build_model(cfg, seed=3)
-    randomize_exit_weights(model, seed=4, scale=2.0)
-    model.head[...] = model.head[...] * 60.0  # exits' distributions clearly differ
-    prompt = [1, 4, 2]
-    out = generate(model, [prompt] * n, 3, seed=11, window=4)
-    exits = out.exits_BxN
-    assert 0.2 <= np.mean(exits < cfg.n_exits - 1) and np.mean(exits[:, 1:] > 0) >= 0.2
-    counts = np.zeros((vocab,) * 3)
-    np.add.at(counts, tuple(out.tokens_BxN.T), 1)
-    joint = joint_first_three(model, prompt, vocab)
-    assert chi_square_p(counts, joint, n) > 1e-3
-    # power: the same test rejects a sampler that always uses the final exit
-    wrong = joint_first_three(model, prompt, vocab, final_exit_only=True)
-    wrong_counts = np.random.default_rng(0).multinomial(n, wrong.ravel())
-    assert chi_square_p(wrong_counts, joint, n) < 1e-6
+    model, prompt = peaked_model(CFG), [1, 4, 2]
+    out = generate(model, [prompt] * 5000, 3, seed=11, window=4)
+    # power: a sampler that always uses the final exit
+    check_first_three(out, joint_first_three(model, prompt, 6),
+                      joint_first_three(model, prompt, 6, final_exit_only=True), CFG.n_exits)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@ references: the dense decode on the same random stream, a naive loop that runs t
 model on the whole sequence at every step, and the closed-form law p'(y) = Σ_k π'_k H(p_k)(y)
 computed from `model(tokens)` (chi-square of the first three tokens)."""
 
-import dataclasses
 
 import jax
 import numpy as np
@@ -13,7 +12,7 @@ from flax import nnx
 from nvium_jax.config import ModelConfig
 from nvium_jax.inference import DecodeOptions, generate
 from nvium_jax.model import build_model
-from tests.reference import chi_square_p, randomize_exit_weights
+from tests.reference import check_first_three, peaked_model, randomize_exit_weights
 
 # vocabulary 96, so top-k 50 truncates
 CFG = ModelConfig(
@@ -146,24 +145,12 @@ def joint_first_three(model, prompt, vocab, **law) -> np.ndarray:
 
 @pytest.mark.slow
 def test_first_three_tokens_follow_the_per_exit_law():
-    vocab, n = 6, 5000
-    cfg = dataclasses.replace(CFG, vocab_size=vocab, router_bias_init=-0.4)
-    model = build_model(cfg, seed=3)
-    randomize_exit_weights(model, seed=4, scale=2.0)
-    model.head[...] = model.head[...] * 60.0  # exits' distributions clearly differ
-    prompt = [1, 4, 2]
+    model, prompt = peaked_model(CFG), [1, 4, 2]
     law = dict(router_temperature=0.6, temperature=0.6, top_k=3)
-    out = generate(model, [prompt] * n, 3, seed=11, window=4, sampling="exit", **law)
-    exits = out.exits_BxN
-    assert 0.2 <= np.mean(exits < cfg.n_exits - 1) and np.mean(exits[:, 1:] > 0) >= 0.2
-    counts = np.zeros((vocab,) * 3)
-    np.add.at(counts, tuple(out.tokens_BxN.T), 1)
-    joint = joint_first_three(model, prompt, vocab, **law)
-    assert chi_square_p(counts, joint, n) > 1e-3
-    # power: the same test rejects a sampler that applies the transform to the mixture
-    wrong = joint_first_three(model, prompt, vocab, wrong=True, **law)
-    wrong_counts = np.random.default_rng(0).multinomial(n, wrong.ravel())
-    assert chi_square_p(wrong_counts, joint, n) < 1e-6
+    out = generate(model, [prompt] * 5000, 3, seed=11, window=4, sampling="exit", **law)
+    # power: a sampler that applies the transform to the mixture instead
+    check_first_three(out, joint_first_three(model, prompt, 6, **law),
+                      joint_first_three(model, prompt, 6, wrong=True, **law), CFG.n_exits)
 
 
 def test_the_closed_form_law_is_a_distribution_and_truncates(model, batch):

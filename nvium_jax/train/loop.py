@@ -329,11 +329,12 @@ def _log_eval(sink, trainer, state, val, sharding, step: int, config: Config):
     """Held-out metrics at the β in force, then the β controller's step (the new β goes into
     the state, and so into the checkpoint saved at this step); returns (state, record)."""
     record = {"step": step, **evaluate(trainer, state.params, state.beta, val, sharding)}
-    update = beta_controller.update(float(jax.device_get(state.beta)), record["val_mixture_ce"],
+    old_beta = np.float32(jax.device_get(state.beta))
+    update = beta_controller.update(float(old_beta), record["val_mixture_ce"],
                                     step, config.train, router_warmup_steps(config))
     new_beta = np.float32(update.beta)  # as the state holds it
     record.update(beta_target_ce=update.target_ce, beta_gap=update.gap, beta=float(new_beta))
-    if new_beta != np.float32(jax.device_get(state.beta)):
+    if new_beta != old_beta:
         state = state._replace(beta=jax.make_array_from_callback(
             (), trainer.state_shardings.beta, lambda _: new_beta))
         sink.note(f"[magenta]β → {update.beta:.4f}[/magenta] (target CE {update.target_ce:.4f}, "
