@@ -46,3 +46,28 @@ def test_a_second_process_reads_the_compiled_loop(tmp_path):
     off = run_snippet(dict(env, NVIUM_COMPILE_CACHE="off", NVIUM_CACHE=str(tmp_path / "home")))
     assert off["dir"] == "None" and int(off["hits"]) == 0 and not (tmp_path / "home").exists()
     assert off["tokens"] == first["tokens"]
+
+
+def test_compile_bench_reports_first_less_second_and_the_per_layer_slope(monkeypatch, capsys):
+    """`scripts/bench_compile.py`: exits at L/4, L/2, 3L/4, each phase's compile = first call
+    less second (timings faked: no compile here), and the slope of a line through the rows."""
+    import json
+
+    import scripts.bench_compile as script
+
+    assert [script.exits_for(n) for n in (2, 4, 8, 12)] == [[1], [1, 2, 3], [2, 4, 6], [3, 6, 9]]
+    calls = []
+
+    def fake_generate(model, prompts, n, decode, options):
+        L = model.config.n_layers
+        first = sum(1 for c in calls if c == (L, decode)) == 0
+        calls.append((L, decode))
+        loop = (2.0 + 0.5 * L) if decode == "deferred" else 0.25 * L  # compile seconds
+        options.timings.update(prefill_s=0.1 + first, decode_s=0.3 + first * loop)
+
+    monkeypatch.setattr(script, "generate", fake_generate)
+    assert script.main(["--layers", "4,8,16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["deferred"]["decode_s_compile_s"] for r in out["rows"]] == [4.0, 6.0, 10.0]
+    assert {r["dense"]["prefill_s_compile_s"] for r in out["rows"]} == {1.0}
+    assert out["loop_compile_s_per_layer"] == pytest.approx({"deferred": 0.5, "dense": 0.25})
