@@ -69,3 +69,28 @@ def test_no_cache_copies_and_one_conditional_per_deep_segment(model, batch, mode
     assert conditionals == (CFG.n_exits - 1 if mode == "deferred" else 0)
     assert "searchsorted" not in hlo  # its default method lowers to while loops
 
+
+
+@pytest.mark.slow
+def test_compiled_decode_programs_are_bounded(monkeypatch):
+    """A process that decodes many shapes keeps at most `MAX_COMPILED` programs per entry
+    point: each loop maps ≈ 1,500 memory regions on XLA CPU (a few hundred for this small
+    one), and an unbounded process passed `vm.max_map_count` and crashed in a compile.
+    Dropped programs release their maps, and tokens do not change."""
+    import dataclasses
+
+    from nvium_jax.model import build_model
+
+    small = build_model(dataclasses.replace(CFG, n_layers=1, exits=()), seed=0)
+    monkeypatch.setattr(D.bound_compiled, "__defaults__", (2,))
+    maps = lambda: sum(1 for _ in open("/proc/self/maps"))
+    D._loop_jit.clear_cache()
+    D._prefill_jit.clear_cache()
+    before = maps()
+    first = D.generate(small, [[1, 2, 3]], 3, decode="dense", seed=5).tokens_BxN
+    one_call = maps() - before  # a prefill and a loop
+    for n in (4, 5, 6):  # three new shapes: unbounded, three more of each
+        out = D.generate(small, [[1, 2, 3]], n, decode="dense", seed=5)
+        assert D._loop_jit._cache_size() <= 2 and D._prefill_jit._cache_size() <= 2
+        assert (out.tokens_BxN[0, :3] == first[0]).all()
+    assert maps() - before < 2.5 * one_call, (maps() - before, one_call)

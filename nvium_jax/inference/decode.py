@@ -106,6 +106,21 @@ def _flush_jit(graphdef, blocks, rest, layers, state, opts):
     return flush_state(nnx.merge(graphdef, blocks, rest), layers, state, opts)
 
 
+MAX_COMPILED = 8  # compiled programs kept per entry point (`bound_compiled`)
+
+
+def bound_compiled(limit: int = MAX_COMPILED) -> None:
+    """Keeps at most `limit` compiled programs per decode entry point. XLA's CPU backend maps
+    each decode loop's code in ≈ 1,500 memory regions, so a process that kept every shape it
+    ever decoded (lm-eval over many lengths, a notebook sweeping configs) passed Linux's
+    `vm.max_map_count` (65,530) after ≈ 40 loops, and the next compile crashed. An entry
+    point at the limit drops its programs before the next call (a shape used again is
+    compiled again — a file read with the persistent cache on)."""
+    for jitted in (_prefill_jit, _loop_jit, _flush_jit):
+        if jitted._cache_size() >= limit:
+            jitted.clear_cache()
+
+
 # ---- host side ------------------------------------------------------------------------
 def prompt_batch(prompts, vocab_size: int, context: int) -> tuple[np.ndarray, np.ndarray]:
     """Validates prompts (list of id lists, or a B×T int array) and right-pads them."""
@@ -271,6 +286,7 @@ def generate(
     B = prompts_BxP.shape[0]
     opts = loop_options(model, B, max_new_tokens, decode, window, temperature, top_k, top_p,
                         sampling, router_temperature, options)
+    bound_compiled()
     clock = _Clock(options.timings)
     weights = clock.phase("prepare_s", decode_weights(model))
     cache_len = cache_length(prompts_BxP.shape[1], opts.max_new_tokens, cfg.context)
@@ -323,4 +339,5 @@ def flush(model, state: DecodeState, *, attention: str = "auto") -> DecodeState:
     opts = LoopOptions(mode="deferred", window=ring - 1, max_new_tokens=state.tokens_BxN.shape[1],
                        context=model.config.context, batch=B, attention=attention,
                        max_run_tokens=B * (ring - 1))  # every row's whole block in one run
+    bound_compiled()
     return _flush_jit(*decode_weights(model), state, opts)
