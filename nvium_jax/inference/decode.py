@@ -117,7 +117,8 @@ def bound_compiled(limit: int = MAX_COMPILED) -> None:
     point at the limit drops its programs before the next call (a shape used again is
     compiled again — a file read with the persistent cache on)."""
     for jitted in (_prefill_jit, _loop_jit, _flush_jit):
-        if jitted._cache_size() >= limit:
+        size = getattr(jitted, "_cache_size", None)  # jax's count of compiled entries
+        if size is not None and size() >= limit:
             jitted.clear_cache()
 
 
