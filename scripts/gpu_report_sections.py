@@ -150,13 +150,13 @@ def environment(plan: Plan, earlier: dict, emit) -> dict:
 
 def _baseline_roofline(config, row: dict, bandwidth) -> dict:
     """The matched baseline's bytes per token, from the byte model's counters of a decode of
-    the same prompts and shapes as `row` (the same compiled loop), over its measured time."""
+    the same prompts and shapes as `row`, over its measured time."""
     cfg = matched_baseline_model(config.model)
     prompts = bench_prompts(cfg.vocab_size, row["batch"], row["prompt_tokens"], seed=0)
     out = generate(build_model(cfg, seed=0), prompts, row["new_tokens"], decode="dense", seed=0,
                    window=row["window"], return_state=True,
-                   options=DecodeOptions(attention=config.decode.attention))
-    per_token = bytes_read(out.state, byte_costs(cfg)) / int((out.lengths_B - 1).sum())
+                   options=DecodeOptions(attention=config.decode.attention, stats=True))
+    per_token = bytes_read(out.state.stats, byte_costs(cfg)) / int((out.lengths_B - 1).sum())
     per_s = per_token * row["baseline_tokens_per_s"]
     return {"baseline_bytes_per_token": per_token, "baseline_bytes_per_s": per_s,
             "baseline_roofline_fraction": per_s / bandwidth if bandwidth else None}

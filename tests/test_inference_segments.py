@@ -25,7 +25,7 @@ def test_plan_run_takes_rows_in_turn_within_the_cap():
     """Against a Python loop: flush rows first, then gate rows in turn from `offset` while
     their whole blocks fit the largest run; the rest wait, and advancing rows (a waiting
     gate row short of its gated token) fill the room of the chosen run."""
-    from nvium_jax.inference.loop import plan_run
+    from nvium_jax.inference.policy import plan_run
 
     shapes = ((4, 1), (8, 2), (8, 4))  # batch 4, W = 4, capped at 8 tokens
     rng = np.random.default_rng(0)

@@ -15,9 +15,10 @@ Byte model (DESIGN §1 "Cost model"): small-batch decode is memory-bound, so a r
 bytes it reads — each segment's weights once per run of that segment (whatever the block
 or batch), the norm, router and adapter of an exit per run that evaluates them, the shared
 head once per iteration, and per running row the KV of the segment's layers below its
-position. The decode loop counts those runs (`DecodeState.segment_runs_K`, `exit_runs_K`,
-`head_runs`, `kv_reads`), so `ideal_speedup = dense bytes / deferred bytes` for the very
-tokens both produced.
+position. The decode loop counts those runs when asked (`DecodeOptions(stats=True)`:
+`DecodeStats.segment_runs_K`, `exit_runs_K`, `head_runs`, `kv_reads`), so
+`ideal_speedup = dense bytes / deferred bytes` for the very tokens both produced; the timed
+loops count nothing (one more decode of each, compiled with the counters, reads them).
 """
 
 from __future__ import annotations
@@ -99,15 +100,15 @@ def byte_costs(cfg: ModelConfig) -> ByteCosts:
     )
 
 
-def bytes_read(state, costs: ByteCosts) -> float:
-    """What one decode read, from the loop's run counters."""
-    runs_K = np.asarray(state.segment_runs_K, np.float64)
-    exits_K = np.asarray(state.exit_runs_K, np.float64)
+def bytes_read(stats, costs: ByteCosts) -> float:
+    """What one decode read, from the loop's run counters (a `DecodeStats`)."""
+    runs_K = np.asarray(stats.segment_runs_K, np.float64)
+    exits_K = np.asarray(stats.exit_runs_K, np.float64)
     return float(
         runs_K @ np.array(costs.segment_K)
         + exits_K @ (np.array(costs.router_K) + np.array(costs.adapter_K))
-        + float(state.head_runs) * costs.head
-        + float(state.kv_reads) * costs.kv_per_layer_position
+        + float(stats.head_runs) * costs.head
+        + float(stats.kv_reads) * costs.kv_per_layer_position
     )
 
 
@@ -159,21 +160,21 @@ def bench_decode(
     n_new = min(max_new_tokens, cfg.context - prompt_tokens)
     sampler = dict(sampling=sampling, temperature=temperature, top_k=top_k, top_p=top_p,
                    router_temperature=router_temperature)
-    common = dict(seed=seed, window=window, return_state=True, **sampler)
-    options = lambda t, schedule="advance": DecodeOptions(schedule=schedule, attention=attention,
-                                                          timings=t)
-    runs = {
-        "nvium": lambda t: generate(model, prompts, n_new, options=options(t, schedule), **common),
-        "dense": lambda t: generate(model, prompts, n_new, decode="dense", options=options(t), **common),
-        "baseline": lambda t: generate(baseline, prompts, n_new, decode="dense", options=options(t),
-                                       **common),
-    }
-    outputs = {name: run({}) for name, run in runs.items()}  # compile and warm up
-    timings = {name: [] for name in runs}
+    decodes = {"nvium": (model, "deferred", schedule), "dense": (model, "dense", "advance"),
+               "baseline": (baseline, "dense", "advance")}
+
+    def run(name, timings=None, stats=False):
+        net, decode, schedule = decodes[name]
+        options = DecodeOptions(schedule=schedule, attention=attention, timings=timings, stats=stats)
+        return generate(net, prompts, n_new, seed=seed, decode=decode, window=window,
+                        return_state=stats, options=options, **sampler)
+
+    outputs = {name: run(name) for name in decodes}  # compile and warm up
+    timings = {name: [] for name in decodes}
     for _ in range(repeats):
-        for name, run in runs.items():
+        for name in decodes:
             timings[name].append({})
-            outputs[name] = run(timings[name][-1])
+            outputs[name] = run(name, timings[name][-1])
     median = lambda name, key: statistics.median(t[key] for t in timings[name])
     rate = {name: int((out.lengths_B - 1).sum()) / median(name, "decode_s")
             for name, out in outputs.items()}
@@ -181,7 +182,8 @@ def bench_decode(
     if not np.array_equal(deferred.tokens_BxN, dense.tokens_BxN) and cfg.dtype == "float32":
         raise RuntimeError("deferred and dense decoding disagree in float32: a bug, please report")
     costs = byte_costs(cfg)
-    ideal = bytes_read(dense.state, costs) / bytes_read(deferred.state, costs)
+    stats = {name: run(name, stats=True).state.stats for name in ("nvium", "dense")}  # same tokens
+    ideal = bytes_read(stats["dense"], costs) / bytes_read(stats["nvium"], costs)
     exits = deferred.exits_BxN[deferred.exits_BxN >= 0]
     distribution = np.bincount(exits, minlength=cfg.n_exits) / max(1, exits.size)
     speedup_vs_dense = rate["nvium"] / rate["dense"]
@@ -199,7 +201,7 @@ def bench_decode(
         "speedup_vs_dense": round(speedup_vs_dense, 4),
         "ideal_speedup": round(ideal, 4),
         "efficiency": round(speedup_vs_dense / ideal, 4),
-        "prefill_s": {name: round(median(name, "prefill_s"), 4) for name in runs},
+        "prefill_s": {name: round(median(name, "prefill_s"), 4) for name in decodes},
         "flushes": deferred.flushes,
         "schedule": schedule if batch > 1 else "batch 1",
         **sampler,
