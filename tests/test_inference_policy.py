@@ -107,7 +107,7 @@ class Staircase:
     def run(self, s, start, length, gate):
         for b in range(self.B):
             if gate[b]:  # the token's lower segments ran: its block ends at t
-                assert self.fill[b][s - 1] == self.t[b] + 1 and start[b] + length[b] == self.t[b] + 1
+                assert self.fill[b][s - 1] == start[b] + length[b] == self.t[b] + 1
             self.fill[b][s] = start[b] + length[b]
 
     def gate(self, s, gate_rows, sampled, moved):
@@ -127,7 +127,8 @@ class Staircase:
                 self.n[b] += 1
                 self.need[b] = self.age[b] = 0
             fill = self.fill[b]
-            assert all(fill[s] >= fill[s + 1] for s in range(self.K - 1)) and fill[0] <= self.t[b] + 1
+            assert all(fill[s] >= fill[s + 1] for s in range(self.K - 1))
+            assert fill[0] <= self.t[b] + 1
             assert self.t[b] - fill[-1] <= self.opts.window  # the ring holds every pending position
         self.iteration += 1
 

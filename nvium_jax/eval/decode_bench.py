@@ -164,8 +164,9 @@ def bench_decode(
                "baseline": (baseline, "dense", "advance")}
 
     def run(name, timings=None, stats=False):
-        net, decode, schedule = decodes[name]
-        options = DecodeOptions(schedule=schedule, attention=attention, timings=timings, stats=stats)
+        net, decode, batch_schedule = decodes[name]
+        options = DecodeOptions(schedule=batch_schedule, attention=attention, timings=timings,
+                                stats=stats)
         return generate(net, prompts, n_new, seed=seed, decode=decode, window=window,
                         return_state=stats, options=options, **sampler)
 

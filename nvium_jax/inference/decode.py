@@ -2,10 +2,11 @@
 and the compiled entry points (DESIGN §1 "Exact deferred decoding", §3).
 
 The state and the prefill live in `state.py`, the batch schedules in `policy.py`, the
-iteration that executes them in `loop.py`, a segment's run on its tokens in `segments.py`. Before any loop the weights are made ready
-for decoding once per call: every layer's weights sliced out of the stack (so no layer
-copies its slice per token) and every matrix cast to the compute dtype (so the loop reads
-each weight at its compute width: bfloat16 under `auto` on GPU/TPU, float32 on CPU).
+iteration that executes them in `loop.py`, a segment's run on its tokens in `segments.py`.
+Before any loop the weights are made ready for decoding once per call: every layer's
+weights sliced out of the stack (so no layer copies its slice per token) and every matrix
+cast to the compute dtype (so the loop reads each weight at its compute width: bfloat16
+under `auto` on GPU/TPU, float32 on CPU).
 """
 
 from __future__ import annotations

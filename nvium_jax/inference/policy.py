@@ -50,8 +50,8 @@ def plan_flushes(fill_BxK, t_B, need_B, active_B, iteration, opts) -> FlushPlan:
     fed_B = active_B & (need_B == 0)
     deferred_B = t_B - fill_BxK[:, -1]  # the deepest segment's block: the longest
     wants_B = fed_B & (deferred_B + 1 > opts.window)
-    flush_B = wants_B & in_turn(jnp.where(wants_B, deferred_B, 0), opts.run_shapes[-1][0],
-                                iteration % B)
+    flush_B = wants_B & _in_turn(jnp.where(wants_B, deferred_B, 0), opts.run_shapes[-1][0],
+                                 iteration % B)
     return FlushPlan(flush_B, fed_B & ~(wants_B & ~flush_B))
 
 
@@ -62,7 +62,7 @@ def plan_segment(s: int, fill_BxK, t_B, need_B, age_B, active_B, flush: FlushPla
     `advance` a prefix of every other row's pending block."""
     B = t_B.shape[0]
     gate_B = active_B & (need_B == s) & ~flush.flush_B
-    gate_B &= segment_runs(gate_B, age_B, jnp.any(flush.fed_B), opts)
+    gate_B &= _segment_runs(gate_B, age_B, jnp.any(flush.fed_B), opts)
     start_B = fill_BxK[:, s]
     # a row's pending block ends below t — or at t once its token has exited above s
     # (a flushing row's block already spans W positions without it)
@@ -90,7 +90,7 @@ def next_age(age_B, moved_B, need_B, active_B):
     return jnp.where(moved_B, 0, age_B + (active_B & (need_B > 0)))
 
 
-def segment_runs(waiting_B, age_B, fed_new_token, opts):
+def _segment_runs(waiting_B, age_B, fed_new_token, opts):
     """Whether a deep segment runs this iteration for the rows waiting at it."""
     anyone = jnp.any(waiting_B)
     if not opts.waits:
@@ -100,7 +100,7 @@ def segment_runs(waiting_B, age_B, fed_new_token, opts):
     return anyone & (enough | starving | ~fed_new_token)
 
 
-def in_turn(want_B, room, offset):
+def _in_turn(want_B, room, offset):
     """Which rows' `want_B` tokens fit in `room`, taken in turn from row `offset` (a row
     whose block does not fit stops the ones after it: none jumps the queue)."""
     B = want_B.shape[0]
@@ -126,8 +126,8 @@ def plan_run(start_B, stop_B, rows_B, optional_B, shapes: tuple, batch: int, fir
     first_B = jnp.zeros_like(rows_B) if first_B is None else first_B & rows_B
     n_first = jnp.sum(jnp.where(first_B, block_B, 0))
     queued_B = rows_B & ~first_B
-    full_B = first_B | (queued_B & in_turn(jnp.where(queued_B, block_B, 0),
-                                            tokens_A[-1] - n_first, offset))
+    full_B = first_B | (queued_B & _in_turn(jnp.where(queued_B, block_B, 0),
+                                             tokens_A[-1] - n_first, offset))
     must_B = jnp.where(full_B, block_B, 0)
     n_must = jnp.sum(must_B)
     spare_B = jnp.zeros_like(must_B)
