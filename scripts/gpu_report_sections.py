@@ -34,14 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nvium_jax.config import load_config  # noqa: E402
-from nvium_jax.eval.decode_bench import (  # noqa: E402
-    REFERENCE_EXIT_RATES,
-    bench_decode,
-    bench_prompts,
-    byte_costs,
-    bytes_read,
-)
-from nvium_jax.inference import DecodeOptions, generate  # noqa: E402
+from nvium_jax.eval.decode_bench import REFERENCE_EXIT_RATES, bench_decode  # noqa: E402
 from nvium_jax.inference.kernels import cache_attention  # noqa: E402
 from nvium_jax.model import build_model, param_count  # noqa: E402
 from nvium_jax.model.count import matched_baseline_model  # noqa: E402
@@ -148,15 +141,10 @@ def environment(plan: Plan, earlier: dict, emit) -> dict:
     }
 
 
-def _baseline_roofline(config, row: dict, bandwidth) -> dict:
-    """The matched baseline's bytes per token, from the byte model's counters of a decode of
-    the same prompts and shapes as `row` (the same compiled loop), over its measured time."""
-    cfg = matched_baseline_model(config.model)
-    prompts = bench_prompts(cfg.vocab_size, row["batch"], row["prompt_tokens"], seed=0)
-    out = generate(build_model(cfg, seed=0), prompts, row["new_tokens"], decode="dense", seed=0,
-                   window=row["window"], return_state=True,
-                   options=DecodeOptions(attention=config.decode.attention))
-    per_token = bytes_read(out.state, byte_costs(cfg)) / int((out.lengths_B - 1).sum())
+def _baseline_roofline(row: dict, bandwidth) -> dict:
+    """The matched baseline's bytes per token (the byte model's counters of its decode in
+    `row`) over its measured time, against the copy bandwidth."""
+    per_token = row["bytes_per_token"]["baseline"]
     per_s = per_token * row["baseline_tokens_per_s"]
     return {"baseline_bytes_per_token": per_token, "baseline_bytes_per_s": per_s,
             "baseline_roofline_fraction": per_s / bandwidth if bandwidth else None}
@@ -171,8 +159,9 @@ def _decode(plan: Plan, earlier: dict, emit, spec, batch: int, prompts) -> dict:
         row = bench_decode(model, batch=batch, prompt_tokens=prompt_tokens,
                            max_new_tokens=plan.new_tokens, exit_rates=REFERENCE_EXIT_RATES,
                            repeats=plan.repeats, window=config.decode.window,
-                           attention=config.decode.attention)
-        row.update(_baseline_roofline(config, row, bandwidth))
+                           attention=config.decode.attention,
+                           bandwidth_gbps=bandwidth / 1e9 if bandwidth else None)
+        row.update(_baseline_roofline(row, bandwidth))
         result["rows"].append(row)
         emit(result)
     return result

@@ -16,7 +16,7 @@ from nvium_jax.eval.decode_bench import (
     force_exit_rates,
     gate_probabilities,
 )
-from nvium_jax.inference import generate
+from nvium_jax.inference import DecodeOptions, generate
 from nvium_jax.model import build_model
 from nvium_jax.model.count import matched_baseline_model
 
@@ -45,21 +45,23 @@ def test_run_counters_match_a_count_from_the_exits():
     force_exit_rates(model, REFERENCE_EXIT_RATES)
     # batch 1 (this seed needs no flush): token n ≥ 1 runs segments 0..exit_n at stop
     # position P + n, and each segment that runs evaluates its exit (norm, router, adapter)
-    one = generate(model, [[1, 2, 3, 4]], 40, seed=1, window=16, return_state=True)
+    one = generate(model, [[1, 2, 3, 4]], 40, seed=1, window=16, return_state=True,
+                   options=DecodeOptions(stats=True))
+    stats = one.state.stats
     exits_n = one.exits_BxN[0, 1:]
     layers = np.diff((0, *CFG.exit_depths))
     runs = [(exits_n >= s).sum() for s in range(4)]
-    np.testing.assert_array_equal(one.state.segment_runs_K, runs)
-    np.testing.assert_array_equal(one.state.exit_runs_K, runs)
+    np.testing.assert_array_equal(stats.segment_runs_K, runs)
+    np.testing.assert_array_equal(stats.exit_runs_K, runs)
     kv = sum(layers[: e + 1].sum() * (4 + n) for n, e in enumerate(exits_n, start=1))
-    assert float(one.state.kv_reads) == kv
-    assert int(one.state.head_runs) == 39 and one.flushes == 0
+    assert float(stats.kv_reads) == kv
+    assert int(stats.head_runs) == 39 and one.flushes == 0
     exits = one.exits_BxN[0]
     assert (exits == 0).any() and (exits == 3).any()
     costs = byte_costs(CFG)
     expected = (np.dot(runs, np.add(np.add(costs.segment_K, costs.router_K), costs.adapter_K))
                 + 39 * costs.head + kv * costs.kv_per_layer_position)
-    assert bytes_read(one.state, costs) == pytest.approx(expected)
+    assert bytes_read(stats, costs) == pytest.approx(expected)
     # the closed form per piece: a layer's weights, a router, an adapter with its norm
     D, F, E, H, G = CFG.d_model, CFG.d_ff, CFG.head_dim, CFG.n_heads, CFG.kv_heads
     layer_bytes = 4 * (2 * D * H * E + 2 * D * G * E + 3 * D * F + 2 * D)

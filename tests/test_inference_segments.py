@@ -21,46 +21,6 @@ def test_pack_blocks_equals_a_python_loop():
     assert (packed.row_N[n:] < 5).all()  # padding points at a real row (its writes are dropped)
 
 
-def test_plan_run_takes_rows_in_turn_within_the_cap():
-    """Against a Python loop: flush rows first, then gate rows in turn from `offset` while
-    their whole blocks fit the largest run; the rest wait, and advancing rows (a waiting
-    gate row short of its gated token) fill the room of the chosen run."""
-    from nvium_jax.inference.loop import plan_run
-
-    shapes = ((4, 1), (8, 2), (8, 4))  # batch 4, W = 4, capped at 8 tokens
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        start_B = rng.integers(0, 20, 4)
-        stop_B = start_B + rng.integers(0, 5, 4)
-        rows_B = rng.random(4) < 0.7
-        first_B = rows_B & (rng.random(4) < 0.2)
-        optional_B = ~rows_B & (rng.random(4) < 0.7)
-        offset = int(rng.integers(0, 4))
-        block = np.maximum(stop_B - start_B, 0)
-        if block[first_B].sum() > 8:
-            continue  # the loop admits only flushes that fit
-        room, full, queue_open = 8 - block[first_B].sum(), first_B.copy(), True
-        for b in [(offset + i) % 4 for i in range(4)]:
-            if rows_B[b] and not first_B[b]:
-                queue_open &= block[b] <= room
-                if queue_open:
-                    full[b], room = True, room - block[b]
-        len_B, index, full_B = (np.asarray(x) for x in plan_run(
-            jnp.asarray(start_B), jnp.asarray(stop_B), jnp.asarray(rows_B),
-            jnp.asarray(optional_B), shapes, 4, jnp.asarray(first_B), offset))
-        np.testing.assert_array_equal(full_B, full)
-        must = np.where(full, block, 0)
-        assert (len_B[full] == block[full]).all()
-        assert (len_B[rows_B & ~full] < np.maximum(block[rows_B & ~full], 1)).all()
-        assert (len_B[~rows_B & ~optional_B] == 0).all() and (len_B <= block).all()
-        if must.sum() == 0:
-            assert index == 0 and len_B.sum() == 0
-        else:
-            tokens, width = shapes[index - 1]
-            assert len_B.sum() <= tokens and len_B.max() <= width
-            assert must.sum() <= tokens and must.max() <= width
-
-
 def numpy_attention(q_NxHxE, keys_by_token, values_by_token):
     """Softmax over each token's own visible keys, float64."""
     out = np.zeros(q_NxHxE.shape)

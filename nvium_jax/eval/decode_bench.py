@@ -15,9 +15,12 @@ Byte model (DESIGN §1 "Cost model"): small-batch decode is memory-bound, so a r
 bytes it reads — each segment's weights once per run of that segment (whatever the block
 or batch), the norm, router and adapter of an exit per run that evaluates them, the shared
 head once per iteration, and per running row the KV of the segment's layers below its
-position. The decode loop counts those runs (`DecodeState.segment_runs_K`, `exit_runs_K`,
-`head_runs`, `kv_reads`), so `ideal_speedup = dense bytes / deferred bytes` for the very
-tokens both produced.
+position. The decode loop counts those runs when asked (`DecodeOptions(stats=True)`:
+`DecodeStats.segment_runs_K`, `exit_runs_K`, `head_runs`, `kv_reads`), so
+`ideal_speedup = dense bytes / deferred bytes` for the very tokens both produced. The timed
+loops are the counting ones (a few scalar adds per segment run, as in every figure taken
+before the counters became optional): a second compile of each path without them would add
+≈ 30 s per benchmark at 125m.
 
 How far each path is from the physical limit: `bytes_per_token` (the byte model's count for
 that path's own decode, over its new tokens), `gbps` (those bytes at its measured tokens/s)
@@ -111,15 +114,15 @@ def byte_costs(cfg: ModelConfig) -> ByteCosts:
     )
 
 
-def bytes_read(state, costs: ByteCosts) -> float:
-    """What one decode read, from the loop's run counters."""
-    runs_K = np.asarray(state.segment_runs_K, np.float64)
-    exits_K = np.asarray(state.exit_runs_K, np.float64)
+def bytes_read(stats, costs: ByteCosts) -> float:
+    """What one decode read, from the loop's run counters (a `DecodeStats`)."""
+    runs_K = np.asarray(stats.segment_runs_K, np.float64)
+    exits_K = np.asarray(stats.exit_runs_K, np.float64)
     return float(
         runs_K @ np.array(costs.segment_K)
         + exits_K @ (np.array(costs.router_K) + np.array(costs.adapter_K))
-        + float(state.head_runs) * costs.head
-        + float(state.kv_reads) * costs.kv_per_layer_position
+        + float(stats.head_runs) * costs.head
+        + float(stats.kv_reads) * costs.kv_per_layer_position
     )
 
 
@@ -199,21 +202,22 @@ def bench_decode(
     n_new = min(max_new_tokens, cfg.context - prompt_tokens)
     sampler = dict(sampling=sampling, temperature=temperature, top_k=top_k, top_p=top_p,
                    router_temperature=router_temperature)
-    common = dict(seed=seed, window=window, return_state=True, **sampler)
-    options = lambda t, schedule="advance": DecodeOptions(schedule=schedule, attention=attention,
-                                                          timings=t)
-    runs = {
-        "nvium": lambda t: generate(model, prompts, n_new, options=options(t, schedule), **common),
-        "dense": lambda t: generate(model, prompts, n_new, decode="dense", options=options(t), **common),
-        "baseline": lambda t: generate(baseline, prompts, n_new, decode="dense", options=options(t),
-                                       **common),
-    }
-    outputs = {name: run({}) for name, run in runs.items()}  # compile and warm up
-    timings = {name: [] for name in runs}
+    decodes = {"nvium": (model, "deferred", schedule), "dense": (model, "dense", "advance"),
+               "baseline": (baseline, "dense", "advance")}
+
+    def run(name, timings=None):
+        net, decode, batch_schedule = decodes[name]
+        options = DecodeOptions(schedule=batch_schedule, attention=attention, timings=timings,
+                                stats=True)
+        return generate(net, prompts, n_new, seed=seed, decode=decode, window=window,
+                        return_state=True, options=options, **sampler)
+
+    outputs = {name: run(name) for name in decodes}  # compile and warm up
+    timings = {name: [] for name in decodes}
     for _ in range(repeats):
-        for name, run in runs.items():
+        for name in decodes:
             timings[name].append({})
-            outputs[name] = run(timings[name][-1])
+            outputs[name] = run(name, timings[name][-1])
     median = lambda name, key: statistics.median(t[key] for t in timings[name])
     rate = {name: int((out.lengths_B - 1).sum()) / median(name, "decode_s")
             for name, out in outputs.items()}
@@ -222,7 +226,7 @@ def bench_decode(
         raise RuntimeError("deferred and dense decoding disagree in float32: a bug, please report")
     costs = {"nvium": byte_costs(cfg), "dense": byte_costs(cfg),
              "baseline": byte_costs(baseline.config)}
-    per_token = {name: bytes_read(out.state, costs[name]) / int((out.lengths_B - 1).sum())
+    per_token = {name: bytes_read(out.state.stats, costs[name]) / int((out.lengths_B - 1).sum())
                  for name, out in outputs.items()}
     ideal = per_token["dense"] / per_token["nvium"]  # the same tokens: bytes per token's ratio
     if bandwidth_gbps is None:
@@ -245,7 +249,7 @@ def bench_decode(
         "speedup_vs_dense": round(speedup_vs_dense, 4),
         "ideal_speedup": round(ideal, 4),
         "efficiency": round(speedup_vs_dense / ideal, 4),
-        "prefill_s": {name: round(median(name, "prefill_s"), 4) for name in runs},
+        "prefill_s": {name: round(median(name, "prefill_s"), 4) for name in decodes},
         "bytes_per_token": {name: round(per_token[name]) for name in PATHS},
         "gbps": {name: round(gbps[name], 3) for name in PATHS},
         "roofline_fraction": {name: round(gbps[name] / bandwidth_gbps, 4) for name in PATHS},

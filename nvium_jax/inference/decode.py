@@ -1,11 +1,12 @@
 """Exact deferred-batch decoding, the host side: `generate` and `flush`, their validation,
 and the compiled entry points (DESIGN §1 "Exact deferred decoding", §3).
 
-The state and the prefill live in `state.py`, the iteration and its schedules in `loop.py`,
-a segment's run on its tokens in `segments.py`. Before any loop the weights are made ready
-for decoding once per call: every layer's weights sliced out of the stack (so no layer
-copies its slice per token) and every matrix cast to the compute dtype (so the loop reads
-each weight at its compute width: bfloat16 under `auto` on GPU/TPU, float32 on CPU).
+The state and the prefill live in `state.py`, the batch schedules in `policy.py`, the
+iteration that executes them in `loop.py`, a segment's run on its tokens in `segments.py`.
+Before any loop the weights are made ready for decoding once per call: every layer's
+weights sliced out of the stack (so no layer copies its slice per token) and every matrix
+cast to the compute dtype (so the loop reads each weight at its compute width: bfloat16
+under `auto` on GPU/TPU, float32 on CPU).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from nvium_jax.inference.state import (
     NOT_SAMPLED,
     SCHEDULES,
     DecodeState,
+    DecodeStats,
     LoopOptions,
     prefill,
 )
@@ -35,7 +37,7 @@ from nvium_jax.config import InputError
 from nvium_jax.model.transformer import check_token_ids
 
 __all__ = ["MIXTURE_SAMPLED", "NOT_SAMPLED", "SAMPLINGS", "SCHEDULES", "DecodeOptions",
-           "DecodeState", "GenerateOutput", "flush", "generate"]
+           "DecodeState", "DecodeStats", "GenerateOutput", "flush", "generate"]
 
 SAMPLINGS = ("mixture", "exit")  # the first is the default
 
@@ -47,10 +49,11 @@ class DecodeOptions:
     ≈ 3/8 of the batch, and `wait_age`), the tokens one deep run holds at most
     (`max_run_tokens`, default `LoopOptions.run_cap`'s rule), the attention implementation
     (auto | pallas | reference), streaming (`on_tokens(tokens_BxN, lengths_B)` after every
-    `stream_every` tokens per row; the loop then runs in chunks of the same compiled code)
-    and `timings`, a dict that receives the seconds of each phase — `prepare_s` (weights made
+    `stream_every` tokens per row; the loop then runs in chunks of the same compiled code),
+    `timings`, a dict that receives the seconds of each phase — `prepare_s` (weights made
     ready), `prefill_s` (prompts and the first token), `decode_s` (every later token) — at
-    the price of a wait after each."""
+    the price of a wait after each, and `stats`: count what the loop ran for the byte model
+    (`state.stats`, a `DecodeStats`, with `return_state=True`; a loop compiled apart)."""
 
     schedule: str = SCHEDULES[0]
     wait_rows: Optional[int] = None
@@ -60,6 +63,7 @@ class DecodeOptions:
     on_tokens: Optional[Callable[[np.ndarray, np.ndarray], None]] = None
     stream_every: int = 8
     timings: Optional[dict] = None
+    stats: bool = False
 
 
 class GenerateOutput(NamedTuple):
@@ -239,7 +243,7 @@ def loop_options(model, batch, max_new_tokens, decode, window, temperature=1.0, 
         router_temperature=float(router_temperature), schedule=options.schedule,
         wait_rows=default_wait_rows(batch) if options.wait_rows is None else int(options.wait_rows),
         wait_age=int(options.wait_age), attention=options.attention,
-        max_run_tokens=options.max_run_tokens,
+        max_run_tokens=options.max_run_tokens, stats=bool(options.stats),
     )
 
 

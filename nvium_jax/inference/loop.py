@@ -1,25 +1,17 @@
-"""The decode iteration (deferred and dense), its batch schedules, the loop and the flush.
+"""The decode iterations (deferred and dense), the loop and the flush: they execute the plans
+of `policy.py` — run segments, gate, write the ring and the pending K/V, draw.
 
-One deferred iteration:
-  0. rows about to feed a token whose block would exceed W flush: every segment s ≥ 1 runs
-     on [m_s, t) without gates (the token itself continues in the next iteration) — as
-     many rows as one run holds (`LoopOptions.run_cap`), the others wait their turn;
-  1. segment 0 on each row's new token x_t, then its gate;
-  2. for s = 1 … K−1: the rows whose token waits at segment s run it on their block
-     [m_s, t] (a query at position p sees the cache below m_s and the block up to p), then
-     gate at t with u_s of the row's own random stream; a row that exits picks exit s;
+One deferred iteration executes its flush plan (rows that flush, rows that feed x_t), then:
+  1. segment 0 on each fed row's new token x_t, then its gate;
+  2. for s = 1 … K−1: segment s's run plan — the flushing rows' blocks [m_s, t) without
+     gates, the gated rows' blocks [m_s, t] (a query at position p sees the cache below m_s
+     and the block up to p) with the gate at t, u_s from the row's own random stream (a row
+     that exits picks exit s), and the prefixes the schedule advances;
   3. one shared head for every row that exited this iteration, and one draw each.
-Whether segment s ≥ 1 runs is the schedule: `lockstep` runs it whenever a row needs it
-(the other rows masked); `advance` (the default) runs it likewise and lets the rows that do
-not need it push their own pending positions through it — a token that exited above s in
-this iteration included — so rows stay at most a token behind; `wait` lets a row wait until
-`wait_rows` rows need that segment (or it has waited `wait_age` iterations, or no row is
-feeding a new token); `wait+advance` does both. Under every schedule a run holds at most
-`run_cap` tokens: rows whose blocks do not fit wait, taking turns from the row after
-the iteration count (so none starves). Every draw is indexed by
-(row, token) — `fold_in(fold_in(PRNGKey(seed), b), n)` split into K keys — never by
-iteration, so every schedule, and `dense`, return the same tokens and exits; per-exit
-sampling changes only what a gate compares and the transform of the one head drawn from.
+Every draw is indexed by (row, token) — `fold_in(fold_in(PRNGKey(seed), b), n)` split into
+K keys — never by iteration, so every schedule, and `dense`, return the same tokens and
+exits; per-exit sampling changes only what a gate compares and the transform of the one
+head drawn from.
 
 What a GPU pays besides bytes is kept small: a deep segment is one `lax.switch` per
 iteration (skip, or one (tokens, width) run shape), its index computed arithmetically; the
@@ -35,11 +27,19 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from nvium_jax.inference.policy import (
+    RunPlan,
+    next_age,
+    plan_final_flush,
+    plan_flushes,
+    plan_segment,
+)
 from nvium_jax.inference.sampling import draw_from_head, token_keys
 from nvium_jax.inference.segments import pack_blocks, run_packed, run_rows
 from nvium_jax.inference.state import (
     DecodeState,
     choose_exit,
+    count_head,
     count_run,
     drop_pending,
     gate_exits,
@@ -96,79 +96,27 @@ def first_segment(model, layers, state: DecodeState, rows_B, keys_BxKx2, opts):
     return count_run(state, 0, ran, rows_B, t_B + 1, model, exits=True), exits_B, exit_state_BxD
 
 
-def in_turn(want_B, room, offset):
-    """Which rows' `want_B` tokens fit in `room`, taken in turn from row `offset` (a row
-    whose block does not fit stops the ones after it: none jumps the queue)."""
-    B = want_B.shape[0]
-    order_B = (jnp.arange(B) + offset) % B  # the rows in turn
-    taken_B = jnp.cumsum(want_B[order_B]) <= room
-    return jnp.zeros((B,), bool).at[order_B].set(taken_B)
-
-
-def plan_run(start_B, stop_B, rows_B, optional_B, shapes: tuple, batch: int, first_B=None,
-             offset=0):
-    """How many tokens of each row a deep segment's run takes, its branch, and which rows
-    of `rows_B` run their whole block. Branch 0 skips (no row runs), else 1 + the first of
-    `shapes` (tokens, width) that holds every running block and the run's target. Rows of
-    `first_B` always run (their sum was checked to fit); the other rows of `rows_B` run
-    in turn from row `offset` while their blocks fit in the largest run, the rest wait.
-    Rows of `optional_B` (and, under it, the waiting rows, short of their gated token)
-    advance a prefix of their pending block into the room the run leaves (up to twice the
-    batch in all, when that much is pending, and never past the width), so compiled slots
-    hold real tokens."""
-    tokens_A = jnp.asarray([n for n, _ in shapes])
-    width_A = jnp.asarray([w for _, w in shapes])
-    block_B = jnp.maximum(stop_B - start_B, 0)
-    first_B = jnp.zeros_like(rows_B) if first_B is None else first_B & rows_B
-    n_first = jnp.sum(jnp.where(first_B, block_B, 0))
-    queued_B = rows_B & ~first_B
-    full_B = first_B | (queued_B & in_turn(jnp.where(queued_B, block_B, 0),
-                                            tokens_A[-1] - n_first, offset))
-    must_B = jnp.where(full_B, block_B, 0)
-    n_must = jnp.sum(must_B)
-    spare_B = jnp.zeros_like(must_B)
-    if optional_B is not None:  # a waiting row may advance too, but not its gated token
-        spare_B = jnp.where(optional_B & ~rows_B, block_B,
-                            jnp.where(rows_B & ~full_B, jnp.maximum(block_B - 1, 0), 0))
-    target = jnp.maximum(n_must, jnp.minimum(n_must + jnp.sum(spare_B), 2 * batch))
-    target = jnp.minimum(target, tokens_A[-1])
-    fits_A = (tokens_A >= target) & (width_A >= jnp.max(must_B))
-    choice = jnp.argmax(fits_A)  # the first that fits (the last always does)
-    room = tokens_A[choice] - n_must
-    spare_B = jnp.minimum(spare_B, width_A[choice] - must_B)
-    taken_B = jnp.clip(room - (jnp.cumsum(spare_B) - spare_B), 0, spare_B)
-    index = jnp.where(n_must > 0, 1 + choice, 0)
-    return must_B + jnp.where(n_must > 0, taken_B, 0), index, full_B
-
-
-def run_blocks(model, layers, state: DecodeState, s: int, start_B, stop_B, rows_B, opts,
-               gate=None, optional_B=None, first_B=None):
-    """Segment s ≥ 1 on positions [start_b, stop_b) of the rows of `rows_B` that fit (all
-    of `first_B`; see `plan_run`), and a prefix of the blocks of `optional_B` — one
-    `lax.switch`. With `gate = (gate_rows_B, keys)`, each gate row that ran its block
-    has its token (at stop_b − 1) meet exit s. Returns (state, exits_B, exit_state_BxD,
-    full_B: the rows of `rows_B` that ran their whole block)."""
+def run_blocks(model, layers, state: DecodeState, s: int, plan: RunPlan, opts,
+               keys_BxKx2=None):
+    """Executes segment s ≥ 1's run plan — one `lax.switch`. With `keys_BxKx2`, each row of
+    `plan.gate_B` has its token (its block's last) meet exit s; returns (state, exits_B,
+    exit_state_BxD)."""
     cfg = model.config
-    B, D = rows_B.shape[0], cfg.d_model
+    B, D = plan.start_B.shape[0], cfg.d_model
     start, stop = cfg.segments[s]
+    start_B, len_B = plan.start_B, plan.len_B
     shapes = opts.run_shapes
     most = shapes[-1][0]
-    len_B, index, full_B = plan_run(start_B, stop_B, rows_B, optional_B, shapes, B, first_B,
-                                    offset=state.head_runs % B)
     rows_B = len_B > 0
-    stop_B = jnp.where(rows_B, start_B + len_B, stop_B)
     packed = pack_blocks(start_B, len_B, most)
     off_B = jnp.cumsum(len_B) - len_B
     pad = lambda x, size: jnp.pad(x, [(0, most - size)] + [(0, 0)] * (x.ndim - 1))
-    if gate is not None:  # a row that waits meets no exit
-        gate = (gate[0] & full_B, gate[1])
 
     def finish(h_NxD, k_list, v_list, size, last_B):
         out = (pad(h_NxD, size), [pad(k, size) for k in k_list], [pad(v, size) for v in v_list])
-        if gate is None:
+        if keys_BxKx2 is None:
             return out + (jnp.zeros((B,), bool), jnp.zeros((B, D), model.dtype))
-        gate_rows_B, keys_BxKx2 = gate
-        return out + exit_decision(model, s, h_NxD[last_B], gate_rows_B, keys_BxKx2, opts)
+        return out + exit_decision(model, s, h_NxD[last_B], plan.gate_B, keys_BxKx2, opts)
 
     def packed_run(size, width, ring_BxRxD, k_seg, v_seg):
         kv_layers = by_layer(start, k_seg, v_seg)
@@ -200,73 +148,48 @@ def run_blocks(model, layers, state: DecodeState, s: int, start_B, stop_B, rows_
                 for size, width in shapes]
     operands = (state.ring_BxRxD, state.k_layers[start:stop], state.v_layers[start:stop])
     branches.insert(0, skip_branch(branches[-1], *operands))
-    h_NxD, k_list, v_list, exits_B, exit_state_BxD = jax.lax.switch(index, branches, *operands)
+    h_NxD, k_list, v_list, exits_B, exit_state_BxD = jax.lax.switch(plan.index, branches, *operands)
     kv = pending_kv(k_list, v_list, packed.row_N, packed.pos_N, packed.valid_N, state.cache_len)
+    stop_B = start_B + len_B
     state = state._replace(
         pending=set_at(state.pending, s, kv),
         ring_BxRxD=write_ring(state.ring_BxRxD, h_NxD, packed.row_N, packed.pos_N, packed.valid_N),
         fill_BxK=state.fill_BxK.at[:, s].set(jnp.where(rows_B, stop_B, state.fill_BxK[:, s])),
     )
-    state = count_run(state, s, index > 0, rows_B, stop_B, model, exits=gate is not None)
-    return state, exits_B, exit_state_BxD, full_B
-
-
-def segment_runs(waiting_B, state: DecodeState, fed_new_token, opts):
-    """Whether a deep segment runs this iteration for the rows waiting at it."""
-    anyone = jnp.any(waiting_B)
-    if not opts.waits:
-        return anyone
-    enough = jnp.sum(waiting_B) >= opts.wait_rows
-    starving = jnp.any(waiting_B & (state.age_B >= opts.wait_age))
-    return anyone & (enough | starving | ~fed_new_token)
+    state = count_run(state, s, plan.index > 0, rows_B, stop_B, model,
+                      exits=keys_BxKx2 is not None)
+    return state, exits_B, exit_state_BxD
 
 
 def deferred_iteration(model, layers, state: DecodeState, active_B, opts) -> DecodeState:
     cfg = model.config
     K, B, D = cfg.n_exits, state.pos_B.shape[0], cfg.d_model
-    t_B = state.pos_B
-    fed_B = active_B & (state.need_B == 0)
-    deferred_B = t_B - state.fill_BxK[:, K - 1]  # the deepest segment's block: the longest
-    wants_flush_B = fed_B & (deferred_B + 1 > opts.window)
-    # a flush finishes in its iteration (the row's next block must fit the ring), so the
-    # flushes that do not fit one run wait, taking turns, and their rows feed no token
-    flush_B = wants_flush_B & in_turn(jnp.where(wants_flush_B, deferred_B, 0),
-                                      opts.run_shapes[-1][0], state.head_runs % B)
-    fed_B &= ~(wants_flush_B & ~flush_B)
+    flush = plan_flushes(state.fill_BxK, state.pos_B, state.need_B, active_B, state.iteration,
+                         opts)
     keys_BxKx2 = token_keys(state.row_key_Bx2, state.n_B, K)
     chosen_BxD = jnp.zeros((B, D), model.dtype)
     exit_B = jnp.zeros((B,), jnp.int32)
     sampled_B = jnp.zeros((B,), bool)
     moved_B = jnp.zeros((B,), bool)
-    fed_new_token = jnp.any(fed_B)
     for s in range(K):
         if s == 0:
-            gate_rows_B = fed_B
+            gate_B = flush.fed_B
             state, exits_now_B, exit_state_BxD = first_segment(
-                model, layers, state, fed_B, keys_BxKx2, opts)
+                model, layers, state, flush.fed_B, keys_BxKx2, opts)
         else:
-            waiting_B = active_B & (state.need_B == s)
-            gate_rows_B = waiting_B & ~flush_B
-            gate_rows_B &= segment_runs(gate_rows_B, state, fed_new_token, opts)
-            advance_B = opts.advance & active_B & ~gate_rows_B
-            start_B = state.fill_BxK[:, s]
-            # a row's pending block ends below t — or at t once its token has exited above s
-            # (a flushing row's block already spans W positions without it)
-            pending_end_B = jnp.minimum(state.fill_BxK[:, s - 1], t_B + (sampled_B & ~flush_B))
-            stop_B = jnp.where(gate_rows_B, t_B + 1, pending_end_B)
-            state, exits_now_B, exit_state_BxD, full_B = run_blocks(
-                model, layers, state, s, start_B, stop_B, gate_rows_B | flush_B, opts,
-                gate=(gate_rows_B, keys_BxKx2), optional_B=advance_B, first_B=flush_B)
-            gate_rows_B &= full_B  # the others wait for a later run
+            plan = plan_segment(s, state.fill_BxK, state.pos_B, state.need_B, state.age_B,
+                                active_B, flush, sampled_B, state.iteration, opts)
+            gate_B = plan.gate_B  # the other rows waiting at s wait for a later run
+            state, exits_now_B, exit_state_BxD = run_blocks(model, layers, state, s, plan, opts,
+                                                            keys_BxKx2)
         chosen_BxD = jnp.where(exits_now_B[:, None], exit_state_BxD, chosen_BxD)
         exit_B = jnp.where(exits_now_B, s, exit_B)
         sampled_B |= exits_now_B
-        moved_B |= gate_rows_B
-        need_B = jnp.where(gate_rows_B, jnp.where(exits_now_B, -1, s + 1), state.need_B)
+        moved_B |= gate_B
+        need_B = jnp.where(gate_B, jnp.where(exits_now_B, -1, s + 1), state.need_B)
         state = state._replace(need_B=need_B)
-    age_B = jnp.where(moved_B, 0, state.age_B + (active_B & (state.need_B > 0)))
-    state = state._replace(age_B=age_B, flushes=state.flushes + jnp.any(flush_B),
-                           head_runs=state.head_runs + 1)
+    state = state._replace(age_B=next_age(state.age_B, moved_B, state.need_B, active_B),
+                           flushes=state.flushes + jnp.any(flush.flush_B))
     # the chosen exit's head, transformed under per-exit sampling: cheaper than a branch round it
     token_B = draw_from_head(model, chosen_BxD, keys_BxKx2, opts.head)
     return record_tokens(state, sampled_B, token_B, exit_B, opts)
@@ -289,8 +212,7 @@ def dense_iteration(model, layers, state: DecodeState, active_B, opts) -> Decode
         exit_h.append(h_Bx1xD[:, 0])
     keys_BxKx2 = token_keys(state.row_key_Bx2, state.n_B, K)
     token_B, exit_B = choose_exit(model, jnp.stack(exit_h), keys_BxKx2, opts)
-    fill_BxK = jnp.where(active_B[:, None], t_B[:, None] + 1, state.fill_BxK)
-    state = state._replace(fill_BxK=fill_BxK, head_runs=state.head_runs + 1)
+    state = state._replace(fill_BxK=jnp.where(active_B[:, None], t_B[:, None] + 1, state.fill_BxK))
     return record_tokens(state, active_B, token_B, exit_B, opts)
 
 
@@ -304,7 +226,8 @@ def decode_loop(model, layers, state: DecodeState, n_limit, opts) -> DecodeState
 
     def body(state):
         state = write_pending(state, model)  # last iteration's K/V, before any read
-        return iteration(model, layers, state, active(state), opts)
+        state = iteration(model, layers, state, active(state), opts)
+        return count_head(state._replace(iteration=state.iteration + 1))
 
     state = jax.lax.while_loop(lambda state: jnp.any(active(state)), body, state)
     return drop_pending(write_pending(state, model))
@@ -312,13 +235,10 @@ def decode_loop(model, layers, state: DecodeState, n_limit, opts) -> DecodeState
 
 def flush_state(model, layers, state: DecodeState, opts) -> DecodeState:
     """Runs every segment s ≥ 1 on its pending positions [m_s, t) for every row."""
-    rows_B = jnp.ones_like(state.done_B)
     state = write_pending(state, model)
     for s in range(1, model.config.n_exits):
-        start_B = state.fill_BxK[:, s]
-        stop_B = jnp.minimum(state.fill_BxK[:, s - 1], state.pos_B)
-        state, _, _, _ = run_blocks(model, layers, state, s, start_B, stop_B, rows_B, opts,
-                                    first_B=rows_B)  # flush's options hold B × W
+        plan = plan_final_flush(s, state.fill_BxK, state.pos_B, opts)  # flush's options hold B × W
+        state, _, _ = run_blocks(model, layers, state, s, plan, opts)
     return drop_pending(write_pending(state, model))
 
 

@@ -1,5 +1,6 @@
 """The decode state, the static options of one decode, the prefill, and the bookkeeping that
-every iteration shares (recording tokens, the stop rules, the run counters of the byte model).
+every iteration shares (recording tokens, the stop rules, the optional run counters of the
+byte model).
 
 Per row the state keeps fill pointers m_0 ≥ m_1 ≥ … ≥ m_{K-1} (segment s has written K/V
 for exactly the positions < m_s), the position t of the last sampled token, and — in a ring
@@ -64,11 +65,8 @@ class DecodeState(NamedTuple):
     tokens_BxN: jax.Array
     exits_BxN: jax.Array
     flushes: jax.Array  # scalar int32
-    # what the loop ran, for the byte model of `nvium bench decode` (prefill not counted)
-    segment_runs_K: jax.Array  # batch-wide runs of each segment's layers (flushes included)
-    kv_reads: jax.Array  # Σ over runs and running rows of layers × positions of KV read
-    exit_runs_K: jax.Array  # runs of exit k's norm, router and adapter (final: its norm)
-    head_runs: jax.Array  # runs of the shared head (one per iteration)
+    iteration: jax.Array  # scalar int32, loop iterations so far (whose turn it is to run)
+    stats: Optional["DecodeStats"]  # what the loop ran, when asked (`LoopOptions.stats`)
 
     @property
     def cache_len(self) -> int:
@@ -84,6 +82,15 @@ class DecodeState(NamedTuple):
     @property
     def v_cache(self) -> jax.Array:
         return cache_view(self.v_layers, self.pos_B.shape[0])
+
+
+class DecodeStats(NamedTuple):
+    """What the loop ran, for the byte model of `nvium bench decode` (prefill not counted)."""
+
+    segment_runs_K: jax.Array  # batch-wide runs of each segment's layers (flushes included)
+    kv_reads: jax.Array  # Σ over runs and running rows of layers × positions of KV read
+    exit_runs_K: jax.Array  # runs of exit k's norm, router and adapter (final: its norm)
+    head_runs: jax.Array  # runs of the shared head (one per iteration)
 
 
 def cache_view(layers: tuple, batch: int) -> jax.Array:
@@ -118,6 +125,7 @@ class LoopOptions:
     wait_age: int = 8
     attention: str = "auto"
     max_run_tokens: Optional[int] = None  # None: the rule of `run_cap`
+    stats: bool = False  # carry `DecodeStats` (the loop without them counts nothing)
 
     @property
     def exact(self) -> bool:
@@ -287,14 +295,30 @@ def record_tokens(state: DecodeState, sampled_B, token_B, exit_B, opts) -> Decod
 
 def count_run(state: DecodeState, s: int, ran, rows_B, stop_B, model, exits: bool) -> DecodeState:
     """Segment s ran (`ran`, a traced bool) for `rows_B`, each reading its layers' KV below
-    `stop_B`; with `exits`, exit s's norm, router and adapter ran too."""
+    `stop_B`; with `exits`, exit s's norm, router and adapter ran too (counted when the
+    state carries stats)."""
+    if state.stats is None:
+        return state
     start, stop = model.config.segments[s]
     kv = jnp.sum(jnp.where(rows_B, stop_B, 0).astype(jnp.float32)) * (stop - start)
-    return state._replace(
-        segment_runs_K=state.segment_runs_K.at[s].add(ran.astype(jnp.int32)),
-        kv_reads=state.kv_reads + jnp.where(ran, kv, 0.0),
-        exit_runs_K=state.exit_runs_K.at[s].add((ran & exits).astype(jnp.int32)),
-    )
+    stats = state.stats
+    return state._replace(stats=stats._replace(
+        segment_runs_K=stats.segment_runs_K.at[s].add(ran.astype(jnp.int32)),
+        kv_reads=stats.kv_reads + jnp.where(ran, kv, 0.0),
+        exit_runs_K=stats.exit_runs_K.at[s].add((ran & exits).astype(jnp.int32)),
+    ))
+
+
+def count_head(state: DecodeState) -> DecodeState:
+    """The shared head ran (once per iteration; counted when the state carries stats)."""
+    if state.stats is None:
+        return state
+    return state._replace(stats=state.stats._replace(head_runs=state.stats.head_runs + 1))
+
+
+def zero_stats(n_exits: int) -> DecodeStats:
+    return DecodeStats(segment_runs_K=jnp.zeros((n_exits,), jnp.int32), kv_reads=jnp.float32(0),
+                       exit_runs_K=jnp.zeros((n_exits,), jnp.int32), head_runs=jnp.int32(0))
 
 
 def prefill(model, layers, prompts_BxP, prompt_len_B, row_key_Bx2, eos_id, cache_len: int,
@@ -335,10 +359,8 @@ def prefill(model, layers, prompts_BxP, prompt_len_B, row_key_Bx2, eos_id, cache
         tokens_BxN=jnp.full((B, N), NOT_SAMPLED, jnp.int32),
         exits_BxN=jnp.full((B, N), NOT_SAMPLED, jnp.int32),
         flushes=jnp.int32(0),
-        segment_runs_K=jnp.zeros((K,), jnp.int32),
-        kv_reads=jnp.float32(0),
-        exit_runs_K=jnp.zeros((K,), jnp.int32),
-        head_runs=jnp.int32(0),
+        iteration=jnp.int32(0),
+        stats=zero_stats(K) if opts.stats else None,
     )
     keys_BxKx2 = token_keys(row_key_Bx2, state.n_B, K)
     token_B, exit_B = choose_exit(model, jnp.stack(exit_h), keys_BxKx2, opts)
