@@ -285,3 +285,24 @@ def test_bad_inputs_raise_one_clear_error(model, kwargs, message):
     args = dict(prompts=[[1, 2, 3]], max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=message):
         generate(model, args.pop("prompts"), args.pop("max_new_tokens"), **args)
+
+
+def test_kth_largest_equals_top_k():
+    """The bisection threshold of top-k sampling against `lax.top_k`'s k-th value: random
+    rows with repeats, negatives, −inf and a 32000-wide vocabulary."""
+    import jax
+
+    from nvium_jax.inference.sampling import kth_largest
+
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((6, 300)).astype(np.float32) * 5
+    rows[1] = np.round(rows[1])  # many repeats
+    rows[2, ::3] = -np.inf
+    rows[3] = -np.abs(rows[3])  # all negative
+    rows[4, :] = 0.0
+    rows[4, 7] = -0.0
+    wide = rng.standard_normal((2, 32000)).astype(np.float32)
+    for x in (rows, wide):
+        for k in (1, 2, 3, 50, 299):
+            want = jax.lax.top_k(jnp.asarray(x), k)[0][:, -1:]
+            np.testing.assert_array_equal(np.asarray(kth_largest(jnp.asarray(x), k)), want)

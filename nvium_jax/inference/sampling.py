@@ -64,11 +64,34 @@ def gate_fires(gate_logp_Bx2: jax.Array, keys_BxKx2: jax.Array, k: int,
     return gate_uniform(keys_BxKx2, k) < q_B
 
 
+def kth_largest(x_BxV: jax.Array, k: int) -> jax.Array:
+    """Each row's k-th largest value (counting repeats: `lax.top_k(x, k)[0][:, -1]`), [B, 1],
+    found by bisection over the float32 order as unsigned integers: 32 counts of `x ≥ mid`,
+    each one pass over the row. On a CPU this is many times faster than `lax.top_k` over a
+    32000-token vocabulary (a sort), which cost a top-k decode ≈ 7 ms per token at 125m."""
+    bits_BxV = jax.lax.bitcast_convert_type(x_BxV.astype(jnp.float32), jnp.uint32)
+    sign = jnp.uint32(0x80000000)
+    order_BxV = jnp.where(bits_BxV >= sign, ~bits_BxV, bits_BxV | sign)  # ascending as floats
+    B = x_BxV.shape[0]
+
+    def halve(_, bounds):  # the answer lies in [low, high]: count(order ≥ low) ≥ k always
+        low_B, high_B = bounds
+        gap_B = high_B - low_B
+        mid_B = low_B + (gap_B >> 1) + (gap_B & 1)  # the upper middle: low < mid ≤ high
+        enough_B = jnp.sum(order_BxV >= mid_B[:, None], axis=-1) >= k
+        return jnp.where(enough_B, mid_B, low_B), jnp.where(enough_B, high_B, mid_B - 1)
+
+    bounds = (jnp.zeros((B,), jnp.uint32), jnp.full((B,), 0xFFFFFFFF, jnp.uint32))
+    kth_B, _ = jax.lax.fori_loop(0, 32, halve, bounds)
+    bits_B = jnp.where(kth_B >= sign, kth_B ^ sign, ~kth_B)
+    return jax.lax.bitcast_convert_type(bits_B, jnp.float32)[:, None].astype(x_BxV.dtype)
+
+
 def truncate_logits(logits_BxV, top_k: Optional[int], top_p: Optional[float]):
     """Top-k, then top-p (the smallest set of the likeliest tokens whose mass reaches p):
-    every other token gets −inf."""
+    every other token gets −inf (ties at the cut are kept)."""
     if top_k is not None:
-        kth_Bx1 = jax.lax.top_k(logits_BxV, min(top_k, logits_BxV.shape[-1]))[0][:, -1:]
+        kth_Bx1 = kth_largest(logits_BxV, min(top_k, logits_BxV.shape[-1]))
         logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
     if top_p is not None:
         sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
