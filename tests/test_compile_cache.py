@@ -66,6 +66,7 @@ def test_compile_bench_reports_first_less_second_and_the_per_layer_slope(monkeyp
         options.timings.update(prefill_s=0.1 + first, decode_s=0.3 + first * loop)
 
     monkeypatch.setattr(script, "generate", fake_generate)
+    monkeypatch.setattr(script, "build_model", lambda cfg, seed: type("Fake", (), {"config": cfg})())
     assert script.main(["--layers", "4,8,16", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["deferred"]["decode_s_compile_s"] for r in out["rows"]] == [4.0, 6.0, 10.0]

@@ -99,6 +99,7 @@ def test_rows_whose_blocks_do_not_fit_a_run_wait_their_turn(model, schedule):
     assert int(deferred.state.iteration) > 39 and deferred.flushes > 0
 
 
+@pytest.mark.slow
 def test_flush_completes_the_cache(model, prompts):
     # the options (and shapes) of the first case above: the compiled loop is reused
     out = generate(model, prompts, 64, seed=5, return_state=True)
@@ -139,6 +140,7 @@ def test_rows_are_independent_and_stop_on_their_own(model, prompts):
     np.testing.assert_array_equal(other.exits_BxN[0], free.exits_BxN[0])
 
 
+@pytest.mark.slow
 def test_streaming_chunks_equal_one_loop(model, prompts):
     seen = []
     options = DecodeOptions(schedule="wait+advance", stream_every=16,
@@ -160,6 +162,7 @@ def test_pallas_attention_in_the_loop(model, prompts):
     np.testing.assert_array_equal(pallas.exits_BxN, reference.exits_BxN)
 
 
+@pytest.mark.slow
 def test_greedy_follows_the_mixture_argmax(model, prompts):
     greedy = generate(model, [prompts[1]], 6, temperature=0.0, decode="dense")
     assert (greedy.exits_BxN == -2).all()
@@ -195,7 +198,7 @@ def test_baseline_model_decodes_like_its_dense_pass(baseline):
 
 
 @pytest.mark.parametrize("option", [
-    dict(temperature=0.0), dict(top_k=5),
+    dict(temperature=0.0), pytest.param(dict(top_k=5), marks=pytest.mark.slow),
     pytest.param(dict(temperature=0.6), marks=pytest.mark.slow),
     pytest.param(dict(top_p=0.9), marks=pytest.mark.slow),
     pytest.param(dict(temperature=0.6, top_k=5, top_p=0.9), marks=pytest.mark.slow),
@@ -224,6 +227,7 @@ def test_baseline_decodes_with_every_option(baseline, option):
             assert (rank < option["top_k"]).all()
 
 
+@pytest.mark.slow
 def test_exit_sampling_at_temperature_one_is_the_mixture(model, prompts):
     """τ_r = τ_h = 1, no truncation: the same draws as exact mixture sampling (whose compiled
     loop the first test above made)."""

@@ -169,6 +169,7 @@ def test_missing_bucket_is_one_line_naming_the_url(s3_server, corpus, tmp_path, 
         read_meta(url)
 
 
+@pytest.mark.slow
 def test_unreachable_endpoint_is_one_line_naming_the_url(s3_server):
     with _environ(AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}"):  # nothing listens
         start = time.time()

@@ -211,6 +211,7 @@ def test_final_adapter_starts_as_the_identity_then_moves_only_the_final_exit(sma
     assert np.abs(out.exit_logp_KxBxTxV[-1] - base_out.exit_logp_KxBxTxV[-1]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_reference_router_starts_near_even_odds(small_cfg):
     """The paper code's head init, normal(0.4/√D) on an RMS-normalised input: each logit has
     std ≈ 0.4, so the exit-minus-continue logit has std ≈ 0.4·√2 and q ≈ 0.5 on average."""
