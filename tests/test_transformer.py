@@ -82,7 +82,8 @@ def test_default_exits_are_quarter_depths(small_cfg):
     assert len(build_model(cfg).exits) == 1
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("remat", [pytest.param("full", marks=pytest.mark.slow), "dots",
+                                   pytest.param("dots_no_batch", marks=pytest.mark.slow)])
 def test_remat_and_unroll_change_no_number(model, tokens_BxT, remat):
     h = model.embed(tokens_BxT)
     positions = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
