@@ -34,6 +34,18 @@ def _release_compiled_programs():
     gc.collect()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _keep_every_decode_program():
+    """Within a module the tests share compiled decode loops (one compile serves many
+    checks), and the module fixture above already bounds what a process keeps, so
+    `generate`'s own bound (`MAX_COMPILED`, which drops every program at once) is lifted:
+    under it a module with more shapes compiled its shared loops again (+3 min to the
+    suite). tests/test_inference_loop.py tests the bound itself."""
+    from nvium_jax.inference import decode
+
+    decode.MAX_COMPILED = 10**6
+
+
 @pytest.fixture
 def small_cfg() -> ModelConfig:
     """A model small enough for naive references: GQA (4 heads over 2), three early exits."""

@@ -82,7 +82,7 @@ def test_compiled_decode_programs_are_bounded(monkeypatch):
     from nvium_jax.model import build_model
 
     small = build_model(dataclasses.replace(CFG, n_layers=1, exits=()), seed=0)
-    monkeypatch.setattr(D.bound_compiled, "__defaults__", (2,))
+    monkeypatch.setattr(D, "MAX_COMPILED", 2)
     maps = lambda: sum(1 for _ in open("/proc/self/maps"))
     D._loop_jit.clear_cache()
     D._prefill_jit.clear_cache()

@@ -110,16 +110,17 @@ def _flush_jit(graphdef, blocks, rest, layers, state, opts):
     return flush_state(nnx.merge(graphdef, blocks, rest), layers, state, opts)
 
 
-MAX_COMPILED = 8  # compiled programs kept per entry point (`bound_compiled`)
+MAX_COMPILED = 16  # compiled programs kept per entry point (`bound_compiled`)
 
 
-def bound_compiled(limit: int = MAX_COMPILED) -> None:
+def bound_compiled(limit: Optional[int] = None) -> None:
     """Keeps at most `limit` compiled programs per decode entry point. XLA's CPU backend maps
     each decode loop's code in ≈ 1,500 memory regions, so a process that kept every shape it
     ever decoded (lm-eval over many lengths, a notebook sweeping configs) passed Linux's
     `vm.max_map_count` (65,530) after ≈ 40 loops, and the next compile crashed. An entry
     point at the limit drops its programs before the next call (a shape used again is
-    compiled again — a file read with the persistent cache on)."""
+    compiled again — a file read with the persistent cache on). `limit`: `MAX_COMPILED`."""
+    limit = MAX_COMPILED if limit is None else limit
     for jitted in (_prefill_jit, _loop_jit, _flush_jit):
         size = getattr(jitted, "_cache_size", None)  # jax's count of compiled entries
         if size is not None and size() >= limit:
