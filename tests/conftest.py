@@ -1,8 +1,11 @@
 """Tests run on CPU with 8 simulated devices, float32; set before jax is imported."""
 
+import atexit
 import gc
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
     [
@@ -19,6 +22,19 @@ os.environ.setdefault("NVIUM_COMPILE_CACHE", "off")  # tests compile afresh, wri
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# One persistent compilation cache for this test process, in a temporary dir (subprocesses
+# keep theirs off: a process killed by a fault test could leave a half-written entry). The
+# module fixture below drops compiled programs, and each module would otherwise compile
+# again what an earlier one compiled — the model's ≈ 30 initialiser programs alone cost
+# ≈ 3.5 s per module. A hit loads the very executable the compile made. Set before any
+# test module is imported: jax fixes its cache at the first compile.
+# NVIUM_TEST_COMPILE_CACHE=off compiles everything afresh (to compare).
+if os.environ.get("NVIUM_TEST_COMPILE_CACHE", "on") != "off":
+    _compile_cache = tempfile.mkdtemp(prefix="nvium_tests_jax_cache_")
+    atexit.register(shutil.rmtree, _compile_cache, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", _compile_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 from nvium_jax.config import ModelConfig  # noqa: E402
 

@@ -43,32 +43,27 @@ def test_a_second_process_reads_the_compiled_loop(tmp_path):
     second = run_snippet(env)
     assert second["tokens"] == first["tokens"]
     assert int(first["hits"]) == 0 and int(second["hits"]) >= 2  # prefill and loop at least
-    off = run_snippet(dict(env, NVIUM_COMPILE_CACHE="off", NVIUM_CACHE=str(tmp_path / "home")))
-    assert off["dir"] == "None" and int(off["hits"]) == 0 and not (tmp_path / "home").exists()
-    assert off["tokens"] == first["tokens"]
 
 
-def test_compile_bench_reports_first_less_second_and_the_per_layer_slope(monkeypatch, capsys):
-    """`scripts/bench_compile.py`: exits at L/4, L/2, 3L/4, each phase's compile = first call
-    less second (timings faked: no compile here), and the slope of a line through the rows."""
-    import json
+def test_off_turns_the_cache_off_and_writes_nothing(tmp_path, monkeypatch):
+    """`NVIUM_COMPILE_CACHE=off`: no directory made, jax's cache dir left unset; a dir that
+    is already set (as tests/conftest.py sets one for the suite) is kept, never replaced."""
+    import jax
 
-    import scripts.bench_compile as script
+    from nvium_jax.compile_cache import compile_cache_dir, enable_compile_cache
 
-    assert [script.exits_for(n) for n in (2, 4, 8, 12)] == [[1], [1, 2, 3], [2, 4, 6], [3, 6, 9]]
-    calls = []
-
-    def fake_generate(model, prompts, n, decode, options):
-        L = model.config.n_layers
-        first = sum(1 for c in calls if c == (L, decode)) == 0
-        calls.append((L, decode))
-        loop = (2.0 + 0.5 * L) if decode == "deferred" else 0.25 * L  # compile seconds
-        options.timings.update(prefill_s=0.1 + first, decode_s=0.3 + first * loop)
-
-    monkeypatch.setattr(script, "generate", fake_generate)
-    monkeypatch.setattr(script, "build_model", lambda cfg, seed: type("Fake", (), {"config": cfg})())
-    assert script.main(["--layers", "4,8,16", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert [r["deferred"]["decode_s_compile_s"] for r in out["rows"]] == [4.0, 6.0, 10.0]
-    assert {r["dense"]["prefill_s_compile_s"] for r in out["rows"]} == {1.0}
-    assert out["loop_compile_s_per_layer"] == pytest.approx({"deferred": 0.5, "dense": 0.25})
+    suite_dir = jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv("NVIUM_CACHE", str(tmp_path / "home"))
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        for value in ("off", "0", "None"):
+            monkeypatch.setenv("NVIUM_COMPILE_CACHE", value)
+            assert compile_cache_dir() is None and enable_compile_cache() is None
+        assert jax.config.jax_compilation_cache_dir is None and not (tmp_path / "home").exists()
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "set"))
+        monkeypatch.setenv("NVIUM_COMPILE_CACHE", str(tmp_path / "other"))
+        assert enable_compile_cache() == tmp_path / "set"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", suite_dir)
+    monkeypatch.setenv("NVIUM_COMPILE_CACHE", "")
+    assert compile_cache_dir() == tmp_path / "home" / "jax"  # the default, not made until enabled

@@ -40,12 +40,13 @@ HEADS = {"greedy": dict(temperature=0.0), "t0.6": dict(temperature=0.6),
          "t1": dict(temperature=1.0), "topk50": dict(top_k=50), "topp0.9": dict(top_p=0.9)}
 FAST = set()  # every cell is slow; the fast suite checks per-exit deferred decoding greedily,
 # against a naive loop (test_greedy_routing_and_head_equal_a_naive_loop)
-# Each case compiles two decode loops (the sampler is static), ≈ 15 s: the suite runs a
-# covering design — every router temperature with every window, every head transform
-# under a sampled and a greedy or tempered router, flushes (W = 3) for each router —
-# rather than all 30 cells (7 minutes); the full product is one edit of COVER away.
-COVER = [(0.0, "greedy", 3), (0.0, "topp0.9", 16), (0.6, "topk50", 3), (0.6, "t0.6", 16),
-         (1.0, "t1", 3), (1.0, "greedy", 16), (0.6, "topp0.9", 3), (1.0, "topk50", 16)]
+# Each case compiles two decode loops (the sampler is static), ≈ 10 s: the suite runs a
+# covering design — every router temperature with both windows (flushes at W = 3 for each
+# router), every head transform at least once, the paper's (top-k 50 under a sampled
+# router) among them — rather than all 30 cells (7 minutes); the full product is one edit
+# of COVER away.
+COVER = [(0.0, "greedy", 3), (0.0, "topp0.9", 16), (0.6, "topp0.9", 3), (0.6, "t0.6", 16),
+         (1.0, "t1", 3), (1.0, "topk50", 16)]
 GRID = [pytest.param(router, head, window, id=f"router{router}-{head}-W{window}",
                      marks=() if (router, head, window) in FAST else pytest.mark.slow)
         for router, head, window in COVER]
@@ -107,16 +108,17 @@ def test_greedy_routing_and_head_equal_a_naive_loop(model, batch):
 
 def per_exit_law(model, tokens_NxT, router_temperature, temperature, top_k,
                  wrong: bool = False) -> np.ndarray:
-    """p'(y | tokens) at the last position of each row, [N, V], float64, from one dense
-    pass: π'_k from q'_k = sigmoid(ℓ_k / τ_r), and H(p_k) = softmax(top_k(log p_k / τ_h)).
+    """p'(y | tokens[:, :t+1]) at every position t of each row, [N, T, V], float64, from one
+    dense pass: π'_k from q'_k = sigmoid(ℓ_k / τ_r), and H(p_k) = softmax(top_k(log p_k / τ_h)).
     `wrong`: the planted error, H applied to the (tempered-routing) mixture instead."""
     out = model(tokens_NxT)
-    logp_KxNxV = np.asarray(out.exit_logp_KxBxTxV[:, :, -1], np.float64)
-    q = exit_probabilities(np.asarray(out.route_logp_BxTxK[:, -1]))  # [N, K−1]
+    N, T = np.shape(tokens_NxT)
+    logp_KxXxV = np.asarray(out.exit_logp_KxBxTxV, np.float64).reshape(CFG.n_exits, N * T, -1)
+    q = exit_probabilities(np.asarray(out.route_logp_BxTxK).reshape(N * T, -1))  # [N·T, K−1]
     logit = np.log(q) - np.log1p(-q)
     q_t = 1.0 / (1.0 + np.exp(-logit / router_temperature))
     reach = np.cumprod(np.concatenate([np.ones_like(q_t[:, :1]), 1.0 - q_t], axis=1), axis=1)
-    pi_NxK = reach * np.concatenate([q_t, np.ones_like(q_t[:, :1])], axis=1)
+    pi_XxK = reach * np.concatenate([q_t, np.ones_like(q_t[:, :1])], axis=1)
 
     def transform(logp_XxV):
         scaled = logp_XxV / temperature
@@ -126,21 +128,23 @@ def per_exit_law(model, tokens_NxT, router_temperature, temperature, top_k,
         return probs / probs.sum(-1, keepdims=True)
 
     if wrong:
-        mixture_NxV = np.einsum("nk,knv->nv", pi_NxK, np.exp(logp_KxNxV))
-        return transform(np.log(mixture_NxV))
-    return np.einsum("nk,knv->nv", pi_NxK, np.stack([transform(lp) for lp in logp_KxNxV]))
+        mixture_XxV = np.einsum("xk,kxv->xv", pi_XxK, np.exp(logp_KxXxV))
+        law_XxV = transform(np.log(mixture_XxV))
+    else:
+        law_XxV = np.einsum("xk,kxv->xv", pi_XxK, np.stack([transform(lp) for lp in logp_KxXxV]))
+    return law_XxV.reshape(N, T, -1)
 
 
 def joint_first_three(model, prompt, vocab, **law) -> np.ndarray:
-    """P(y1, y2, y3 | prompt) under the per-exit law, [V, V, V]."""
+    """P(y1, y2, y3 | prompt) under the per-exit law, [V, V, V], from one causal pass over
+    every continuation `prompt + [y1, y2]`: the law at position P−1 + i conditions on y<i."""
     V, P = vocab, len(prompt)
-    p1 = per_exit_law(model, np.asarray([prompt]), **law)[0]
-    firsts = np.array([prompt + [a] for a in range(V)])
-    p2 = per_exit_law(model, firsts, **law)  # [y1, y2]
-    pairs = np.array([prompt + [a, b] for a in range(V) for b in range(V)])
-    p3 = per_exit_law(model, pairs, **law).reshape(V, V, V)
+    grid = np.array([[a, b] for a in range(V) for b in range(V)])
+    p = per_exit_law(model, np.concatenate([np.tile(prompt, (V * V, 1)), grid], axis=1), **law)
+    p1 = p[0, P - 1]
+    p2 = p[::V, P].reshape(V, V)  # [y1, y2]
+    p3 = p[:, P + 1].reshape(V, V, V)  # [y1, y2, y3]
     joint = p1[:, None, None] * p2[:, :, None] * p3
-    assert P == len(prompt)
     return joint / joint.sum()
 
 
@@ -158,13 +162,14 @@ def test_the_closed_form_law_is_a_distribution_and_truncates(model, batch):
     """The reference itself: rows sum to 1, top-k keeps at most k tokens per exit, and
     τ_r = τ_h = 1 with no truncation is the mixture."""
     tokens = np.asarray([batch[2]])
-    law = per_exit_law(model, tokens, router_temperature=0.6, temperature=0.6, top_k=3)
+    law = per_exit_law(model, tokens, router_temperature=0.6, temperature=0.6, top_k=3)[:, -1]
     np.testing.assert_allclose(law.sum(-1), 1.0, rtol=1e-9)
     assert (law > 0).sum() <= 3 * CFG.n_exits
     out = model(tokens)
     mixture = np.einsum("k,kv->v", np.exp(np.asarray(out.route_logp_BxTxK[0, -1], np.float64)),
                         np.exp(np.asarray(out.exit_logp_KxBxTxV[:, 0, -1], np.float64)))
-    plain = per_exit_law(model, tokens, router_temperature=1.0, temperature=1.0, top_k=CFG.vocab_size)
+    plain = per_exit_law(model, tokens, router_temperature=1.0, temperature=1.0,
+                         top_k=CFG.vocab_size)[:, -1]
     np.testing.assert_allclose(plain[0], mixture, rtol=1e-5, atol=1e-9)
 
 

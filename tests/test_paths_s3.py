@@ -171,7 +171,8 @@ def test_missing_bucket_is_one_line_naming_the_url(s3_server, corpus, tmp_path, 
 
 @pytest.mark.slow
 def test_unreachable_endpoint_is_one_line_naming_the_url(s3_server):
-    with _environ(AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}"):  # nothing listens
+    # nothing listens; one attempt (botocore's standard environment), not its retries' 5–10 s
+    with _environ(AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}", AWS_MAX_ATTEMPTS="1"):
         start = time.time()
         with pytest.raises(ConfigError, match=r"reading data dir 's3://nvium-test/words' failed "
                                               r"\(Could not connect.*AWS_ENDPOINT_URL") as err:
