@@ -9,7 +9,7 @@ import pathlib
 import sys
 
 from nvium_jax.config import ConfigError, InputError, dump_config, load_config
-from nvium_jax.paths import data_location, local_path
+from nvium_jax.paths import data_location, local_path, run_location
 
 
 def os_error_line(err: OSError) -> str:
@@ -223,7 +223,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    local_path(args.run, "--run")
+    run_location(args.run, "--run")
     if args.tasks:
         return _eval_tasks(args)
     for flag in ("include_path", "limit", "exit", "sampling"):
@@ -231,13 +231,20 @@ def _eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} goes with --tasks (lm-eval tasks)")
     if args.data is not None:
         data_location(args.data, "--data")
-    from nvium_jax.eval.evaluate import evaluate_run
+    from nvium_jax.eval.evaluate import eval_dir, evaluate_run
+    from nvium_jax.run_store import open_run
     from nvium_jax.runs import load_run
 
+    store = open_run(args.run, "--run", kind="read")  # a bucket: evaluated in its read mirror
     run = load_run(args.run, args.step)
-    record = evaluate_run(run, args.run, data_dir=args.data, batches=args.batches,
-                          batch_size=args.batch_size, plots=not args.no_plots,
-                          progress=sys.stderr.isatty())
+    record = evaluate_run(run, store.mirror if store else args.run, data_dir=args.data,
+                          batches=args.batches, batch_size=args.batch_size,
+                          plots=not args.no_plots, progress=sys.stderr.isatty())
+    if store is not None:  # eval.json and the plots go to the run dir in the bucket
+        rel = eval_dir("", run.step).as_posix()
+        store.push_tree(rel)
+        if record.get("plots"):
+            record["plots"] = [f"{store.url}/{rel}/{pathlib.Path(p).name}" for p in record["plots"]]
     if args.json:
         print(json.dumps(record))
         return 0
@@ -249,7 +256,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"{e['index']:>5} {e['depth']:>6} {e['ppl']:>10.3f} {e['mass']:>7.3f} "
               f"{e['agreement_with_final']:>16.3f}")
     if record.get("plots"):
-        print(f"plots: {pathlib.Path(record['plots'][0]).parent}/")
+        print(f"plots: {record['plots'][0].rsplit('/', 1)[0]}/")
     return 0
 
 

@@ -406,11 +406,13 @@ def validate(config: Config) -> None:
     d = config.data
     _require(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must lie in [0, 1)")
     _require(d.workers >= 0, f"data.workers={d.workers} must be at least 0")
-    from nvium_jax.paths import data_location, local_path  # a URL is never folded into a folder
+    from nvium_jax.paths import data_location, local_path, run_location  # a URL is never folded into a folder
 
     if d.path is not None:
         data_location(d.path, "data.path")
-    for key, value in (("run.dir", config.run.dir), ("train.beta_match", t.beta_match),
+    if config.run.dir is not None:
+        run_location(config.run.dir, "run.dir")
+    for key, value in (("train.beta_match", t.beta_match),
                        ("data.tokenizer", None if (d.tokenizer or "bpe:").startswith("bpe:") else d.tokenizer)):
         if value is not None:
             local_path(value, key)

@@ -4,9 +4,10 @@ Local paths are the default and behave as they always did (`pathlib`). A data di
 be an `s3://bucket/prefix` URL: its small files go through etils `epath` (s3fs underneath)
 and its token arrays through tensorstore's own `s3` kvstore; both take the endpoint, region
 and credentials from the standard AWS environment (`AWS_ENDPOINT_URL`, `AWS_REGION`,
-`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`). Any other URL — and any URL for a run dir,
-for now — is refused in one line naming the value and what is supported, never folded into
-a local folder the way `pathlib` would (`s3://b/run` → `./s3:/b/run`).
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`). A run dir may be an `s3://` URL too
+(`nvium_jax.run_store`: a local mirror, the bucket the truth). Any other URL is refused in
+one line naming the value and what is supported, never folded into a local folder the way
+`pathlib` would (`s3://b/run` → `./s3:/b/run`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 
 from nvium_jax.config import ConfigError
 
-SUPPORTED_SCHEMES: tuple[str, ...] = ()  # URL schemes a run dir may use (none yet)
+SUPPORTED_SCHEMES: tuple[str, ...] = ()  # URL schemes every other path may use (none)
 DATA_SCHEMES: tuple[str, ...] = ("s3",)  # URL schemes a prepared data dir may use
+RUN_SCHEMES: tuple[str, ...] = ("s3",)  # URL schemes a run dir may use (nvium_jax.run_store)
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _CHECK_STORE = ("check the bucket name, the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) "
                 "and the endpoint (AWS_ENDPOINT_URL, AWS_REGION)")
@@ -56,6 +58,12 @@ def location(value: str | os.PathLike, what: str, schemes: tuple[str, ...] = ())
 def local_path(value: str | os.PathLike, what: str) -> pathlib.Path:
     """`value` as a local path; any URL is refused (see `location`)."""
     return location(value, what, SUPPORTED_SCHEMES)
+
+
+def run_location(value: str | os.PathLike, what: str) -> Any:
+    """A run dir: a local path or an `s3://` URL (trained and read through a local mirror,
+    `nvium_jax.run_store`)."""
+    return location(value, what, RUN_SCHEMES)
 
 
 def data_location(value: str | os.PathLike, what: str) -> Any:

@@ -24,7 +24,7 @@ from flax import nnx
 from nvium_jax.compile_cache import enable_compile_cache
 from nvium_jax.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config
 from nvium_jax.model import build_model
-from nvium_jax.paths import atomic_write_text, is_url, local_path
+from nvium_jax.paths import atomic_write_text, is_url
 
 # keys that may change when a run resumes, silently; model.* may not change at all
 RESUMABLE_CHANGES = ("train.steps", "train.keep", "train.on_nonfinite", "run.wandb", "run.dir")
@@ -98,7 +98,7 @@ def save_checkpoint(manager, state, data_state: dict, config: Config) -> None:
             counters=ocp.args.StandardSave(counters),
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave({"step": step, "config": config_to_dict(config),
-                                    "saved": _now()}),
+                                    "saved": now_utc()}),
         ),
     )
 
@@ -109,7 +109,7 @@ def save_initial_params(run_dir: pathlib.Path, params, config: Config, source: d
     manager = checkpoint_manager(run_dir, async_save=False)
     manager.save(0, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
-        meta=ocp.args.JsonSave({"step": 0, "config": config_to_dict(config), "saved": _now(),
+        meta=ocp.args.JsonSave({"step": 0, "config": config_to_dict(config), "saved": now_utc(),
                                 "initial_params": source}),
     ))
     manager.wait_until_finished()
@@ -211,18 +211,21 @@ def _legacy(steps: dict) -> bool:
 
 
 def verified_step(run_dir: pathlib.Path, step: Optional[int] = None,
-                  items: Optional[tuple[str, ...]] = None) -> tuple[int, list[int]]:
+                  items: Optional[tuple[str, ...]] = None,
+                  name: Optional[str] = None) -> tuple[int, list[int]]:
     """(the newest checkpoint that passes verification — or `step`, which must — and the
     newer damaged ones); `items` limits what is hashed. Each damaged checkpoint is named on
-    stderr; none good is an error."""
+    stderr; none good is an error. `name`: how messages name the run dir (its URL, for a
+    local mirror of a bucket)."""
     steps = step_dirs(run_dir)
+    label = name or run_dir
     if not steps:
-        raise ConfigError(f"{run_dir} has no checkpoints yet; train it first (nvium train)")
+        raise ConfigError(f"{label} has no checkpoints yet; train it first (nvium train)")
     if step is not None and step not in steps:
-        raise ConfigError(f"{run_dir} has no checkpoint at step {step}; it has steps {sorted(steps)}")
+        raise ConfigError(f"{label} has no checkpoint at step {step}; it has steps {sorted(steps)}")
     if _legacy(steps):
         chosen = max(steps) if step is None else step
-        print(f"warning: {run_dir} predates checksum manifests; checkpoint {chosen} is loaded unverified",
+        print(f"warning: {label} predates checksum manifests; checkpoint {chosen} is loaded unverified",
               file=sys.stderr)
         return chosen, []
     damaged = []
@@ -230,13 +233,13 @@ def verified_step(run_dir: pathlib.Path, step: Optional[int] = None,
         problem = checkpoint_problem(steps[candidate], items)
         if problem is None:
             return candidate, damaged
-        print(f"warning: checkpoint {candidate} of {run_dir} fails verification: {problem}; "
+        print(f"warning: checkpoint {candidate} of {label} fails verification: {problem}; "
               f"skipping it", file=sys.stderr)
         damaged.append(candidate)
     good = [s for s in sorted(steps) if s not in damaged and checkpoint_problem(steps[s], items) is None]
     raise ConfigError(
-        f"checkpoint {step} of {run_dir} fails verification; good checkpoints: {good}" if step is not None
-        else f"no checkpoint of {run_dir} passes verification ({len(damaged)} damaged); nothing was "
+        f"checkpoint {step} of {label} fails verification; good checkpoints: {good}" if step is not None
+        else f"no checkpoint of {label} passes verification ({len(damaged)} damaged); nothing was "
              f"loaded or changed — restore the checkpoints from a copy or start a new run.dir")
 
 
@@ -266,7 +269,7 @@ class RunDirLock:
         if jax.process_index() != 0:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": platform.node(), "started": _now()}
+        me = {"pid": os.getpid(), "host": platform.node(), "started": now_utc()}
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -339,7 +342,7 @@ def provenance(command: list[str]) -> dict:
             versions[name] = None
     devices = jax.devices()
     return {
-        "time": _now(),
+        "time": now_utc(),
         "command": command,
         "python": platform.python_version(),
         "packages": versions,
@@ -355,7 +358,7 @@ def provenance(command: list[str]) -> dict:
     }
 
 
-def _now() -> str:
+def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -387,13 +390,21 @@ def load_run(run_dir, step: Optional[int] = None, *, device=None) -> Run:
 
     The parameters are restored whole onto one device of this process (`device`, default
     its first), whatever mesh trained the run: a run trained on a pod loads on a laptop.
+    `run_dir` may be an `s3://` URL: the run files and the one checkpoint it loads are
+    mirrored locally first (`nvium_jax.run_store`).
     It turns on JAX's persistent compilation cache (`nvium_jax.compile_cache`; off with
     NVIUM_COMPILE_CACHE=off), so a new process decodes without compiling again.
     """
     enable_compile_cache()
-    run_dir = local_path(run_dir, "run dir")
+    from nvium_jax.run_store import open_run
+
+    store = open_run(run_dir, "run dir", kind="read")
+    name = str(run_dir)
+    if store is not None:  # a bucket: the run files and this one checkpoint's params, mirrored
+        run_dir = store.pull_for_load(step, items=("params",))
+    run_dir = pathlib.Path(run_dir)
     config = read_run_config(run_dir)
-    step, _ = verified_step(run_dir, step, items=("params",))  # what it reads
+    step, _ = verified_step(run_dir, step, items=("params",), name=name)  # what it reads
     manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(),
                                     item_names=("params", "meta"))
     abstract = nnx.eval_shape(lambda: build_model(config.model))

@@ -4,6 +4,7 @@ read what a local prepare writes, and a missing bucket or an unreachable endpoin
 line naming the URL and what to check."""
 
 import contextlib
+import io
 import json
 import os
 import socket
@@ -205,3 +206,180 @@ def test_train_and_eval_from_s3_data_equal_local(local_and_s3, tmp_path, capsys)
     assert records[1]["data"] == url
     assert {k: v for k, v in records[1].items() if k != "data"} == \
         {k: v for k, v in records[0].items() if k != "data"}
+
+
+# ---- run dirs in the bucket (nvium_jax.run_store) -----------------------------------------
+RUN_ARGS = ("train.steps=12", "train.checkpoint_every=3", "train.eval_every=6", "model.vocab_size=300")
+
+
+def _losses(lines) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def _train_cli_until(config_path, signum, at_step: int) -> str:
+    """`nvium train` in its own process, sent `signum` once it reports step `at_step`; its stderr."""
+    import signal
+
+    from tests.conftest import cli_env
+
+    proc = subprocess.Popen([sys.executable, "-m", "nvium_jax.cli", "train", "--config", str(config_path)],
+                            env=cli_env(8), stderr=subprocess.PIPE, text=True,
+                            cwd=config_path.parent)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith(f"step {at_step}/"):
+            proc.send_signal(signum)
+            break
+    seen.append(proc.stderr.read())
+    code = proc.wait(timeout=300)
+    assert code == (0 if signum == signal.SIGTERM else -signal.SIGKILL), "".join(seen)
+    return "".join(seen)
+
+
+@pytest.fixture(scope="module")
+def bucket_run(local_and_s3, s3_server, tmp_path_factory):
+    """One 12-step run trained locally without a stop, and the same run trained into
+    s3://BUCKET/runs/a: stopped by SIGTERM at step 5, resumed and killed -9 at step 9, resumed
+    to the end in this process. The mirrors live in a temporary cache dir."""
+    from tests.conftest import small_config, write_yaml
+    from nvium_jax.train.loop import train
+
+    local_data = local_and_s3[0]
+    tmp = tmp_path_factory.mktemp("bucket_run")
+    with _environ(NVIUM_CACHE=str(tmp / "cache")):
+        local_cfg = small_config(local_data, tmp / "local", *RUN_ARGS)
+        train(local_cfg)
+        url = f"s3://{BUCKET}/runs/a"
+        cfg = small_config(local_data, url, *RUN_ARGS)
+        path = write_yaml(cfg, tmp / "config.yaml")
+        import signal
+
+        stopped = _train_cli_until(path, signal.SIGTERM, 5)
+        killed = _train_cli_until(path, signal.SIGKILL, 9)
+        last = io.StringIO()
+        with contextlib.redirect_stderr(last):
+            train(cfg)
+        yield dict(local=tmp / "local", url=url, config=cfg, stopped=stopped, killed=killed,
+                   last=last.getvalue(), tmp=tmp)
+
+
+@pytest.mark.slow
+def test_a_run_in_the_bucket_resumes_bit_exact_after_sigterm_and_kill_9(bucket_run, s3_server):
+    stopped = int(bucket_run["stopped"].split("stopped by signal at step ")[1].split(";")[0])
+    assert 5 <= stopped < 12
+    assert f"resuming s3://{BUCKET}/runs/a from step {stopped}" in bucket_run["killed"]
+    # the kill -9 left its lock: the third start takes it over (same host, dead pid)
+    assert "taking over the lock of dead pid" in bucket_run["last"]
+    assert "resuming s3://" in bucket_run["last"] and "from step 12" not in bucket_run["last"]
+    local = _losses((bucket_run["local"] / "metrics.jsonl").read_text().splitlines())
+    body = s3_server.get_object(Bucket=BUCKET, Key="runs/a/metrics.jsonl")["Body"].read().decode()
+    assert sorted(local) == list(range(1, 13)) and _losses(body.splitlines()) == local  # relative difference 0
+    keys = _keys(s3_server, "runs/a/")
+    assert "runs/a/train.lock" not in keys  # released
+    for name in ("config.yaml", "tokenizer.json", "provenance.json", "metrics.jsonl"):
+        assert f"runs/a/{name}" in keys
+    provenance = json.loads(s3_server.get_object(Bucket=BUCKET, Key="runs/a/provenance.json")["Body"].read())
+    assert len(provenance["resumes"]) == 2  # after the SIGTERM and after the kill -9
+    steps = sorted({int(k.split("/")[3]) for k in keys if k.startswith("runs/a/checkpoints/")})
+    assert steps == [6, 9, 12]  # train.keep = 3: the older ones left the bucket too
+    for step in steps:  # every checkpoint sealed, and its objects exactly the manifest's
+        manifest = json.loads(s3_server.get_object(
+            Bucket=BUCKET, Key=f"runs/a/checkpoints/{step}/nvium-manifest.json")["Body"].read())
+        listed = {f"runs/a/checkpoints/{step}/{name}" for name in manifest["files"]}
+        assert {k for k in keys if k.startswith(f"runs/a/checkpoints/{step}/")} == \
+            listed | {f"runs/a/checkpoints/{step}/nvium-manifest.json"}
+
+
+@pytest.mark.slow
+def test_load_run_eval_and_generate_read_the_bucket(bucket_run, s3_server, capsys):
+    import jax
+
+    from nvium_jax.runs import load_run
+    from flax import nnx
+
+    with _environ(NVIUM_CACHE=str(bucket_run["tmp"] / "cache")):
+        remote, local = load_run(bucket_run["url"]), load_run(bucket_run["local"])
+        assert remote.step == local.step == 12 and remote.tokenizer is not None
+        for a, b in zip(jax.tree.leaves(nnx.state(remote.model)), jax.tree.leaves(nnx.state(local.model))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        records = []
+        for run in (bucket_run["url"], str(bucket_run["local"])):
+            assert cli.main(["eval", "--run", run, "--json", "--no-plots", "--batches", "1"]) == 0
+            records.append(json.loads(capsys.readouterr().out))
+        assert records[0] == records[1]
+        assert "runs/a/eval/step_12/eval.json" in _keys(s3_server, "runs/a/eval/")
+        assert cli.main(["generate", "--run", bucket_run["url"], "--prompt", "the king",
+                         "--max-new-tokens", "4", "--seed", "0"]) == 0
+        remote_text = capsys.readouterr().out
+        assert cli.main(["generate", "--run", str(bucket_run["local"]), "--prompt", "the king",
+                         "--max-new-tokens", "4", "--seed", "0"]) == 0
+        assert capsys.readouterr().out == remote_text
+
+
+@pytest.mark.slow
+def test_a_damaged_object_is_skipped_set_aside_and_the_run_resumes_exact(bucket_run, s3_server, capsys):
+    """A copy of the run whose newest checkpoint has one object's bytes changed: `load_run`
+    names it and loads checkpoint 9; training sets it aside in `damaged/` (kept) and trains
+    steps 10–12 again to the same losses."""
+    import dataclasses
+
+    from nvium_jax.runs import load_run
+    from nvium_jax.train.loop import train
+
+    for key in _keys(s3_server, "runs/a/"):
+        if "/eval/" not in key:
+            s3_server.copy_object(Bucket=BUCKET, Key=key.replace("runs/a/", "runs/b/", 1),
+                                  CopySource={"Bucket": BUCKET, "Key": key})
+    manifest = json.loads(s3_server.get_object(
+        Bucket=BUCKET, Key="runs/b/checkpoints/12/nvium-manifest.json")["Body"].read())
+    victim = next(f"runs/b/checkpoints/12/{n}" for n, e in manifest["files"].items()
+                  if n.startswith("params/") and e["bytes"] > 64)
+    body = bytearray(s3_server.get_object(Bucket=BUCKET, Key=victim)["Body"].read())
+    body[len(body) // 2] ^= 0xFF
+    s3_server.put_object(Bucket=BUCKET, Key=victim, Body=bytes(body))
+    url = f"s3://{BUCKET}/runs/b"
+    with _environ(NVIUM_CACHE=str(bucket_run["tmp"] / "cache")):
+        assert load_run(url).step == 9
+        assert "checkpoint 12 of s3://nvium-test/runs/b fails verification" in capsys.readouterr().err
+        cfg = bucket_run["config"]
+        summary = train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=url)))
+    assert summary["start_step"] == 9 and summary["step"] == 12
+    keys = _keys(s3_server, "runs/b/")
+    assert any(k.startswith("runs/b/damaged/checkpoint-12-") and k.endswith(victim.rsplit("/", 1)[1])
+               for k in keys)
+    body = s3_server.get_object(Bucket=BUCKET, Key="runs/b/metrics.jsonl")["Body"].read().decode()
+    local = _losses((bucket_run["local"] / "metrics.jsonl").read_text().splitlines())
+    assert _losses(body.splitlines()) == local
+
+
+def test_a_second_trainer_is_refused_by_the_bucket_lock(local_and_s3, s3_server, tmp_path):
+    """train.lock held by a process on another host: `nvium train` refuses in one line and
+    writes nothing to the bucket; a missing bucket is one line too."""
+    from tests.conftest import small_config
+    from nvium_jax.train.loop import train
+
+    owner = {"pid": 4242, "host": "another-host", "started": "2026-12-03T00:00:00+00:00"}
+    s3_server.put_object(Bucket=BUCKET, Key="runs/held/train.lock", Body=json.dumps(owner).encode())
+    with _environ(NVIUM_CACHE=str(tmp_path / "cache")):
+        cfg = small_config(local_and_s3[0], f"s3://{BUCKET}/runs/held", *RUN_ARGS)
+        with pytest.raises(ConfigError, match=r"run dir s3://nvium-test/runs/held is in use by pid 4242 "
+                                              r"on host another-host"):
+            train(cfg)
+        assert _keys(s3_server, "runs/held/") == ["runs/held/train.lock"]
+        cfg = small_config(local_and_s3[0], "s3://nvium-no-such-bucket/run", *RUN_ARGS)
+        with pytest.raises(ConfigError, match=r"run\.dir='s3://nvium-no-such-bucket/run': bucket "
+                                              r"'nvium-no-such-bucket' does not exist"):
+            train(cfg)
+
+
+def test_a_multi_process_run_into_a_bucket_is_refused(monkeypatch):
+    import jax
+
+    from nvium_jax.run_store import check_single_process
+
+    check_single_process("s3://b/run")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"run\.dir='s3://b/run': a multi-process run cannot train "
+                                          r"into s3:// yet"):
+        check_single_process("s3://b/run")

@@ -16,6 +16,7 @@ import numpy as np
 from nvium_jax.config import Config, ConfigError, TrainConfig
 from nvium_jax.data import TrainBatches, eval_windows, resolve_data_dir
 from nvium_jax.paths import local_path
+from nvium_jax.run_store import check_single_process, open_run
 from nvium_jax.runs import (
     RunDirLock, checkpoint_manager, command_line, config_changes, has_checkpoints,
     holds_train_state, read_run_config, restore_checkpoint, restore_params, save_checkpoint,
@@ -36,7 +37,7 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def check_resume(config: Config, run_dir: pathlib.Path) -> bool:
+def check_resume(config: Config, run_dir: pathlib.Path, name: Optional[str] = None) -> bool:
     """True when the run dir holds checkpoints this config may resume; else a ConfigError
     listing the differences, before anything in the dir is touched."""
     if not has_checkpoints(run_dir):
@@ -45,11 +46,11 @@ def check_resume(config: Config, run_dir: pathlib.Path) -> bool:
     errors, warnings = config_changes(saved, config)
     if errors:
         raise ConfigError(
-            f"run dir {run_dir} holds checkpoints of another model; these keys differ: "
+            f"run dir {name or run_dir} holds checkpoints of another model; these keys differ: "
             f"{'; '.join(errors)} — use another run.dir or the run's own config.yaml"
         )
     for change in warnings:
-        print(f"warning: resuming {run_dir} with a changed {change}", file=sys.stderr)
+        print(f"warning: resuming {name or run_dir} with a changed {change}", file=sys.stderr)
     note = schedule_change(saved.train, config.train, max(step_dirs(run_dir)))
     if note:
         print(f"warning: {note}", file=sys.stderr)
@@ -172,24 +173,59 @@ def _plain(value):
 
 
 def train(config: Config, command: Optional[list[str]] = None) -> dict:
-    """Runs (or resumes) training to `train.steps`; returns the last logged records."""
-    run_dir = local_path(config.run.dir, "run.dir")
+    """Runs (or resumes) training to `train.steps`; returns the last logged records. A run
+    dir in a bucket (`s3://…`) trains in a local mirror that is pulled first and pushed as
+    it goes (`nvium_jax.run_store`), under a lock object in the bucket."""
+    store = open_run(config.run.dir, "run.dir")
+    if store is None:
+        run_dir = local_path(config.run.dir, "run.dir")
+        return _train(config, command, run_dir, LocalRun(run_dir))
+    check_single_process(store.url)
+    with store.lock():
+        store.pull_for_training()
+        try:
+            return _train(config, command, store.mirror, store)
+        finally:
+            store.push_all()  # whatever was sealed, even when training stopped on an error
+
+
+def _train(config, command, run_dir, store) -> dict:
     check_data(config)
-    resuming = check_resume(config, run_dir)
+    resuming = check_resume(config, run_dir, store.name)
     mesh = make_mesh(config.mesh)
     check_batch(config, data_parallel_size(mesh))
     data_dir = resolve_data_dir(config)
     beta_controller.check_beta_match(config, data_dir)
     trainer = make_trainer(config, mesh)
     with RunDirLock(run_dir):  # before anything in the run dir is written
-        return _train_locked(config, command, run_dir, resuming, mesh, data_dir, trainer)
+        return _train_locked(config, command, run_dir, resuming, mesh, data_dir, trainer, store)
 
 
-def _train_locked(config, command, run_dir, resuming, mesh, data_dir, trainer) -> dict:
+class LocalRun:
+    """A local run dir: nothing to push (the `RunStore` interface the loop calls)."""
+
+    def __init__(self, run_dir):
+        self.name = str(run_dir)  # how messages name the run dir
+
+    def set_aside(self, steps):
+        pass
+
+    def push_files(self, names=()):
+        pass
+
+    def push_metrics(self, force=False):
+        pass
+
+    def push_checkpoints(self):
+        pass
+
+
+def _train_locked(config, command, run_dir, resuming, mesh, data_dir, trainer, store) -> dict:
     train_cfg, context = config.train, config.model.context
     step = None
     if resuming:  # the newest checkpoint that passes its checksums; newer damaged ones set aside
-        step, damaged = verified_step(run_dir)
+        step, damaged = verified_step(run_dir, name=store.name)
+        store.set_aside(damaged)  # in the bucket, before its local copy moves
         set_aside(run_dir, damaged)
     batches = TrainBatches(
         data_dir, context=context, global_batch=train_cfg.batch_size, seed=train_cfg.seed,
@@ -202,24 +238,25 @@ def _train_locked(config, command, run_dir, resuming, mesh, data_dir, trainer) -
             # parameters only (an import): a fresh optimizer and data order
             state = trainer.init_fn()
             state = state._replace(params=restore_params(manager, step, abstract_state(trainer).params))
-            print(f"starting {run_dir} from the parameters of its checkpoint {step}", file=sys.stderr)
+            print(f"starting {store.name} from the parameters of its checkpoint {step}", file=sys.stderr)
         elif resuming:
             restored, data_state = restore_checkpoint(manager, step, abstract_state(trainer))
             counters = restored["counters"]
             state = TrainState(counters["step"], restored["params"], restored["opt_state"],
                                counters["beta"], counters["skipped"])
             batches.set_state(data_state)
-            print(f"resuming {run_dir} from step {step}", file=sys.stderr)
+            print(f"resuming {store.name} from step {step}", file=sys.stderr)
         else:
             state = trainer.init_fn()
         write_run_files(run_dir, config, data_dir / "tokenizer.json", command or command_line())
+        store.push_files()
         micro = train_cfg.batch_size // train_cfg.grad_accum
         val = eval_windows(data_dir, context=context, batch=micro, n_batches=train_cfg.eval_batches)
         sink = MetricsSink(run_dir, config, int(jax.device_get(state.step)))
         try:
             with _StopRequest() as stop:
                 return _loop(config, trainer, state, batches, manager, sink, stop, val,
-                             batch_sharding(mesh), run_dir)
+                             batch_sharding(mesh), run_dir, store)
         finally:
             sink.close()
     finally:
@@ -229,7 +266,8 @@ def _train_locked(config, command, run_dir, resuming, mesh, data_dir, trainer) -
         batches.close()
 
 
-def _loop(config, trainer, state, batches, manager, sink, stop, val, val_sharding, run_dir) -> dict:
+def _loop(config, trainer, state, batches, manager, sink, stop, val, val_sharding, run_dir,
+          store) -> dict:
     train_cfg = config.train
     tokens_per_step = train_cfg.batch_size * config.model.context
     global_shape = step_batch_shape(config)
@@ -269,15 +307,17 @@ def _loop(config, trainer, state, batches, manager, sink, stop, val, val_shardin
             sink.log(record)
             sink.progress(record)
             summary["train"] = record
+            store.push_metrics()
         if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
             state, summary["eval"] = _log_eval(sink, trainer, state, val, val_sharding, step, config)
             last_sync = time.time()  # evaluation time is not training throughput
         seal_finished(run_dir, manager)  # the last async save, once orbax has committed it
+        store.push_checkpoints()
         if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps or stopping:
             save_checkpoint(manager, state, batches.get_state(), config)
             last_good = step
         if stopping:
-            print(f"stopped by signal at step {step}; checkpoint saved in {run_dir} — "
+            print(f"stopped by signal at step {step}; checkpoint saved in {store.name} — "
                   f"run the same command to resume", file=sys.stderr)
             summary["stopped_at"] = step
             break

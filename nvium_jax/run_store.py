@@ -1,0 +1,314 @@
+"""A run dir in an object store (`s3://bucket/prefix`), worked on through a local mirror.
+
+orbax-checkpoint 0.12 writes arrays to local paths and to `gs://` only, so a run whose dir is
+an `s3://` URL trains and loads in a local mirror (`<cache>/runs/…`, the cache dir of
+`nvium_jax.data.corpus.default_cache_dir`) while the bucket stays the truth:
+
+- **pull** makes the mirror what the bucket holds before training: the run files and every
+  checkpoint whose manifest is in the bucket (a checkpoint without one is a write that never
+  finished, and is not pulled). `load_run` pulls only the checkpoint it loads, only the files
+  of the items it reads, and skips to an older one when a file fails its checksum.
+- **push** puts each run file whole (one PUT: an object appears whole or not at all; there is
+  no rename) — `metrics.jsonl` is rewritten whole at each push — and a checkpoint's files
+  first, its manifest last: a checkpoint counts only once its manifest exists (the local seal
+  rule), and a step written again loses its old manifest before any of its files change.
+  Checkpoints that orbax rotates out locally (`train.keep`) are deleted in the bucket; damaged
+  ones are copied to `damaged/` before their step is written again, never just deleted.
+- **the lock** is the object `train.lock`, created with `If-None-Match: *`: of two trainers
+  one PUT succeeds and the other is refused, whichever host they run on.
+
+Only process 0 of a single-process run writes; a multi-process run into a bucket is refused
+(its hosts' checkpoint shards would land on separate local mirrors). Credentials, region and
+endpoint come from the standard AWS environment, as for data dirs (`nvium_jax.paths`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import sys
+import time
+from typing import Iterable, Optional
+
+from nvium_jax.config import ConfigError
+from nvium_jax.paths import check_bucket, store_error, store_errors, url_scheme
+from nvium_jax.runs import MANIFEST, RunDirLock, checkpoint_problem, now_utc, step_dirs
+
+RUN_FILES = ("config.yaml", "tokenizer.json", "provenance.json", "metrics.jsonl")
+LOCK = "train.lock"
+METRICS_PUSH_S = 10.0  # metrics.jsonl is put at most this often while training (and at the end)
+
+
+def mirror_root() -> pathlib.Path:
+    from nvium_jax.data.corpus import default_cache_dir
+
+    return default_cache_dir() / "runs"
+
+
+class RunStore:
+    """The bucket side of a run dir `url` and its local `mirror` (`kind`: "train" for the
+    trainer's working copy, "read" for what `load_run` and `nvium eval` read)."""
+
+    def __init__(self, url: str, kind: str = "train", mirror: Optional[pathlib.Path] = None):
+        import s3fs
+
+        self.url = str(url).rstrip("/")
+        self.name = self.url  # how messages name the run dir
+        self.root = self.url.split("://", 1)[1]  # bucket/prefix, s3fs's form
+        self.mirror = mirror or mirror_root() / kind / url_scheme(url) / self.root
+        self.fs = s3fs.S3FileSystem()  # the AWS environment: endpoint, region, credentials
+        self.in_bucket: dict[int, str] = {}  # step → the manifest the bucket holds, verified
+        self.sent: dict[str, bytes] = {}  # run file → the bytes last put
+        self.metrics_pushed_at = 0.0
+
+    # ---- requests, each failure one line naming the URL -----------------------------
+    def _call(self, doing: str, rel: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError:
+            raise
+        except store_errors() as err:
+            raise store_error(f"{self.url}/{rel}".rstrip("/"), err, doing) from None
+
+    def _key(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def _get(self, rel: str) -> Optional[bytes]:
+        """The object's bytes, or None when there is none."""
+        try:
+            return self.fs.cat_file(self._key(rel))
+        except FileNotFoundError:
+            return None
+        except store_errors() as err:
+            raise store_error(f"{self.url}/{rel}", err, "reading") from None
+
+    def _exists(self, rel: str) -> bool:
+        return bool(self._call("reading", rel, self.fs.exists, self._key(rel)))
+
+    def _put(self, rel: str, data: bytes) -> None:
+        self._call("writing", rel, self.fs.pipe_file, self._key(rel), data)
+
+    def _delete_tree(self, rel: str) -> None:
+        if self._call("listing", rel, self.fs.exists, self._key(rel)):
+            self._call("deleting", rel, self.fs.rm, self._key(rel), recursive=True)
+
+    def _bucket_steps(self) -> list[int]:
+        try:
+            names = self.fs.ls(self._key("checkpoints"), detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        except store_errors() as err:
+            raise store_error(f"{self.url}/checkpoints", err, "listing") from None
+        return sorted(int(n.rsplit("/", 1)[-1]) for n in names if n.rsplit("/", 1)[-1].isdigit())
+
+    # ---- pulling ---------------------------------------------------------------------
+    def _pull_run_files(self, names: Iterable[str]) -> None:
+        self.mirror.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            data = self._get(name)
+            if data is None:
+                (self.mirror / name).unlink(missing_ok=True)
+                continue
+            (self.mirror / name).write_bytes(data)
+            self.sent[name] = data
+
+    def _pull_step(self, step: int, items: Optional[tuple[str, ...]]) -> Optional[str]:
+        """Checkpoint `step` into the mirror (only files that differ from its manifest; with
+        `items`, only those items' files); its manifest text, or None when it has none."""
+        rel = f"checkpoints/{step}"
+        manifest = self._get(f"{rel}/{MANIFEST}")
+        if manifest is None:
+            return None
+        local = self.mirror / "checkpoints" / str(step)
+        local.mkdir(parents=True, exist_ok=True)
+        (local / MANIFEST).write_bytes(manifest)
+        if checkpoint_problem(local, items) is None:
+            return manifest.decode()  # already here, whole
+        try:
+            files = json.loads(manifest)["files"]
+        except (ValueError, KeyError, TypeError):
+            return manifest.decode()  # unreadable: verification names it
+        for name in files:
+            parts = pathlib.PurePath(name).parts
+            if items is not None and len(parts) > 1 and parts[0] not in items:
+                continue
+            data = self._get(f"{rel}/{name}")
+            if data is None:
+                continue  # missing: verification names it
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            (local / name).write_bytes(data)
+        return manifest.decode()
+
+    def pull_for_training(self) -> pathlib.Path:
+        """The mirror emptied and filled from the bucket: run files and every checkpoint with a
+        manifest (the trainer verifies them and sets the damaged ones aside)."""
+        if self.mirror.exists():
+            shutil.rmtree(self.mirror)
+        self._pull_run_files(RUN_FILES)
+        for step in self._bucket_steps():
+            manifest = self._pull_step(step, None)
+            if manifest is not None and checkpoint_problem(self.mirror / "checkpoints" / str(step)) is None:
+                self.in_bucket[step] = manifest
+        return self.mirror
+
+    def pull_for_load(self, step: Optional[int], items: tuple[str, ...]) -> pathlib.Path:
+        """The run files and one checkpoint (`step`, else the newest whose `items` pass their
+        checksums; a damaged one is named and skipped) in the read mirror, which keeps what
+        it already holds and verifies."""
+        self._pull_run_files(RUN_FILES)
+        if not (self.mirror / "config.yaml").is_file():
+            raise ConfigError(f"{self.url} is not a run directory: it has no config.yaml")
+        steps = self._bucket_steps()
+        local = self.mirror / "checkpoints"
+        for stale in (p for p in local.iterdir() if p.name.isdigit() and int(p.name) not in steps) \
+                if local.is_dir() else ():
+            shutil.rmtree(stale)  # rotated out of the bucket since the last pull
+        for candidate in ([step] if step is not None else sorted(steps, reverse=True)):
+            if candidate not in steps:
+                break  # named by verified_step, which lists the steps
+            if self._pull_step(candidate, items) is None:
+                continue  # a write that never finished
+            problem = checkpoint_problem(local / str(candidate), items)
+            if problem is None or step is not None:
+                break  # the chosen one (a given step that fails is named by verified_step)
+            print(f"warning: checkpoint {candidate} of {self.url} fails verification: {problem}; "
+                  f"skipping it", file=sys.stderr)
+            shutil.rmtree(local / str(candidate))
+        return self.mirror
+
+    # ---- pushing ---------------------------------------------------------------------
+    def push_files(self, names: Iterable[str] = RUN_FILES) -> None:
+        """Each named run file in the mirror that changed since it was last put, put whole."""
+        for name in names:
+            path = self.mirror / name
+            if not path.is_file():
+                continue
+            data = path.read_bytes()
+            if self.sent.get(name) != data:
+                self._put(name, data)
+                self.sent[name] = data
+
+    def push_metrics(self, force: bool = False) -> None:
+        if force or time.monotonic() - self.metrics_pushed_at >= METRICS_PUSH_S:
+            self.push_files(("metrics.jsonl",))
+            self.metrics_pushed_at = time.monotonic()
+
+    def push_checkpoints(self) -> None:
+        """Every sealed checkpoint of the mirror whose manifest the bucket lacks: the old
+        manifest deleted, the step's objects replaced, the manifest put last. Steps that left
+        the mirror (orbax's rotation) leave the bucket."""
+        local = {s: d for s, d in step_dirs(self.mirror).items() if (d / MANIFEST).is_file()}
+        for step, step_dir in sorted(local.items()):
+            manifest = (step_dir / MANIFEST).read_text()
+            if self.in_bucket.get(step) == manifest:
+                continue
+            rel = f"checkpoints/{step}"
+            if self._exists(f"{rel}/{MANIFEST}"):
+                self._call("deleting", f"{rel}/{MANIFEST}", self.fs.rm_file, self._key(f"{rel}/{MANIFEST}"))
+            self._delete_tree(rel)  # a damaged copy was set aside first (set_aside)
+            for path in sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+                self._put(f"{rel}/{path.relative_to(step_dir).as_posix()}", path.read_bytes())
+            self._put(f"{rel}/{MANIFEST}", manifest.encode())
+            self.in_bucket[step] = manifest
+        for step in [s for s in self.in_bucket if s not in local]:
+            self._delete_tree(f"checkpoints/{step}")
+            del self.in_bucket[step]
+
+    def set_aside(self, steps: list[int]) -> None:
+        """Damaged checkpoints copied to `damaged/checkpoint-STEP-STAMP/` in the bucket (kept,
+        never deleted) and removed from `checkpoints/`, as `runs.set_aside` moves them locally."""
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        for step in steps:
+            rel, target = f"checkpoints/{step}", f"damaged/checkpoint-{step}-{stamp}"
+            if not self._exists(rel):
+                continue
+            self._call("copying", rel, self.fs.copy, self._key(rel), self._key(target), recursive=True)
+            self._delete_tree(rel)
+            self.in_bucket.pop(step, None)
+            print(f"moved damaged checkpoint {step} to {self.url}/{target}", file=sys.stderr)
+
+    def push_tree(self, rel: str) -> None:
+        """Every file under `rel` of the mirror (e.g. an evaluation's outputs), put whole."""
+        for path in sorted(p for p in (self.mirror / rel).rglob("*") if p.is_file()):
+            self._put(path.relative_to(self.mirror).as_posix(), path.read_bytes())
+
+    def push_all(self) -> None:
+        self.push_checkpoints()
+        self.push_files()
+
+    # ---- one trainer per run dir -------------------------------------------------------
+    def lock(self) -> "BucketLock":
+        return BucketLock(self)
+
+
+class BucketLock:
+    """`train.lock` in the bucket, created only if absent (`If-None-Match: *`): it names the
+    owner (pid, host, start time). A second trainer refuses in one line; a lock left by a
+    dead process on this host is taken over, as the local `RunDirLock` does."""
+
+    def __init__(self, store: RunStore):
+        self.store, self.held = store, False
+
+    def __enter__(self):
+        me = json.dumps({"pid": os.getpid(), "host": platform.node(), "started": now_utc()}).encode()
+        key = self.store._key(LOCK)
+        bucket, name = key.split("/", 1)
+        for _ in range(3):
+            try:  # created only if absent: the precondition is the lock
+                self.store.fs.call_s3("put_object", Bucket=bucket, Key=name, Body=me, IfNoneMatch="*")
+            except FileExistsError:
+                raw = self.store._get(LOCK)
+                try:
+                    owner = {} if raw is None else json.loads(raw)
+                except ValueError:
+                    owner = None
+                if owner is not None and not RunDirLock._stale(owner):
+                    raise ConfigError(
+                        f"run dir {self.store.url} is in use by pid {owner.get('pid')} on host "
+                        f"{owner.get('host')} (since {owner.get('started')}); wait for it or stop it, "
+                        f"or train into another run.dir") from None
+                what = "an unreadable lock" if owner is None else f"the lock of dead pid {owner.get('pid')}"
+                print(f"taking over {what} in {self.store.url}", file=sys.stderr)
+                self.store._call("deleting", LOCK, self.store.fs.rm_file, key)
+                continue
+            except store_errors() as err:
+                raise store_error(f"{self.store.url}/{LOCK}", err, "writing") from None
+            self.held = True
+            return self
+        raise ConfigError(f"could not take {self.store.url}/{LOCK}: another process keeps creating it")
+
+    def __exit__(self, *exc):
+        if self.held:
+            try:
+                self.store.fs.rm_file(self.store._key(LOCK))
+            except store_errors():
+                print(f"warning: could not remove {self.store.url}/{LOCK}; remove it before the "
+                      f"next run", file=sys.stderr)
+            self.held = False
+        return False
+
+
+def open_run(value, what: str, kind: str = "train") -> Optional[RunStore]:
+    """The store of a run dir URL (its bucket checked), or None for a local path. A URL of
+    another scheme is refused in one line (`paths.run_location`)."""
+    from nvium_jax.paths import run_location
+
+    run_location(value, what)
+    if url_scheme(value) is None:
+        return None
+    check_bucket(str(value), what)
+    return RunStore(str(value), kind)
+
+
+def check_single_process(url: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        raise ConfigError(
+            f"run.dir={url!r}: a multi-process run cannot train into s3:// yet (orbax-checkpoint "
+            f"0.12 writes each host's shards to a local path); give run.dir a path on a file "
+            f"system every host shares, or train on one host")
