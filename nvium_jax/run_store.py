@@ -9,8 +9,8 @@ an `s3://` URL trains and loads in a local mirror (`<cache>/runs/…`, the cache
   finished, and is not pulled). `load_run` pulls only the checkpoint it loads, only the files
   of the items it reads, and skips to an older one when a file fails its checksum.
 - **push** puts each run file whole (one PUT: an object appears whole or not at all; there is
-  no rename) — `metrics.jsonl` is rewritten whole at each push — and a checkpoint's files
-  first, its manifest last: a checkpoint counts only once its manifest exists (the local seal
+  no rename) — `metrics.jsonl` is rewritten whole at each push, at most every 10 s and
+  before each checkpoint — and a checkpoint's files first, its manifest last: a checkpoint counts only once its manifest exists (the local seal
   rule), and a step written again loses its old manifest before any of its files change.
   Checkpoints that orbax rotates out locally (`train.keep`) are deleted in the bucket; damaged
   ones are copied to `damaged/` before their step is written again, never just deleted.
@@ -38,7 +38,8 @@ from nvium_jax.config import ConfigError
 from nvium_jax.paths import check_bucket, store_error, store_errors, url_scheme
 from nvium_jax.runs import MANIFEST, RunDirLock, checkpoint_problem, now_utc, step_dirs
 
-RUN_FILES = ("config.yaml", "tokenizer.json", "provenance.json", "metrics.jsonl")
+RUN_FILES = ("config.yaml", "tokenizer.json", "provenance.json", "metrics.jsonl",
+             "metrics.redone.jsonl")
 LOCK = "train.lock"
 METRICS_PUSH_S = 10.0  # metrics.jsonl is put at most this often while training (and at the end)
 
@@ -207,6 +208,7 @@ class RunStore:
             if self.in_bucket.get(step) == manifest:
                 continue
             rel = f"checkpoints/{step}"
+            self.push_metrics(force=True)  # the bucket's metrics reach every checkpoint it holds
             if self._exists(f"{rel}/{MANIFEST}"):
                 self._call("deleting", f"{rel}/{MANIFEST}", self.fs.rm_file, self._key(f"{rel}/{MANIFEST}"))
             self._delete_tree(rel)  # a damaged copy was set aside first (set_aside)

@@ -383,3 +383,60 @@ def test_a_multi_process_run_into_a_bucket_is_refused(monkeypatch):
     with pytest.raises(ConfigError, match=r"run\.dir='s3://b/run': a multi-process run cannot train "
                                           r"into s3:// yet"):
         check_single_process("s3://b/run")
+
+
+def test_a_checkpoint_is_pushed_manifest_last_after_the_metrics(tmp_path):
+    """The order of requests (a recording stand-in for s3fs): a sealed step's objects, then
+    its manifest, after metrics.jsonl; nothing again when unchanged; a step written again
+    loses its old manifest before any object changes; a rotated step leaves the bucket."""
+    from nvium_jax.run_store import RunStore
+    from nvium_jax.runs import seal
+
+    class Recorder:
+        def __init__(self):
+            self.calls, self.objects = [], {}
+
+        def pipe_file(self, key, data):
+            self.calls.append(("put", key))
+            self.objects[key] = data
+
+        def exists(self, key):
+            return any(k == key or k.startswith(key + "/") for k in self.objects)
+
+        def rm_file(self, key):
+            self.calls.append(("rm", key))
+            self.objects.pop(key)
+
+        def rm(self, key, recursive):
+            self.calls.append(("rm", key))
+            for k in [k for k in self.objects if k.startswith(key + "/")]:
+                self.objects.pop(k)
+
+    store = RunStore("s3://b/run", mirror=tmp_path / "mirror")
+    store.fs = fake = Recorder()
+    step = tmp_path / "mirror" / "checkpoints" / "3"
+    (step / "params").mkdir(parents=True)
+    (step / "params" / "a").write_bytes(b"weights")
+    (step / "meta.json").write_text("{}")
+    (tmp_path / "mirror" / "metrics.jsonl").write_text('{"step": 3, "loss": 1.0}\n')
+    seal(step)
+    store.push_checkpoints()
+    assert fake.calls == [("put", "b/run/metrics.jsonl"), ("put", "b/run/checkpoints/3/meta.json"),
+                          ("put", "b/run/checkpoints/3/params/a"),
+                          ("put", "b/run/checkpoints/3/nvium-manifest.json")]
+    fake.calls.clear()
+    store.push_checkpoints()
+    assert fake.calls == []
+    (step / "params" / "a").write_bytes(b"other weights")  # the step written again
+    seal(step)
+    store.push_checkpoints()
+    assert fake.calls[0] == ("rm", "b/run/checkpoints/3/nvium-manifest.json")
+    assert fake.calls[-1] == ("put", "b/run/checkpoints/3/nvium-manifest.json")
+    assert fake.objects["b/run/checkpoints/3/params/a"] == b"other weights"
+    fake.calls.clear()
+    import shutil
+
+    shutil.rmtree(step)  # orbax rotated it out
+    store.push_checkpoints()
+    assert fake.calls == [("rm", "b/run/checkpoints/3")] and fake.objects == {
+        "b/run/metrics.jsonl": b'{"step": 3, "loss": 1.0}\n'}
