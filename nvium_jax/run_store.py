@@ -36,7 +36,7 @@ from typing import Iterable, Optional
 
 from nvium_jax.config import ConfigError
 from nvium_jax.paths import check_bucket, store_error, store_errors, url_scheme
-from nvium_jax.runs import MANIFEST, RunDirLock, checkpoint_problem, now_utc, step_dirs
+from nvium_jax.runs import MANIFEST, checkpoint_problem, now_utc, step_dirs, take_over_or_refuse
 
 RUN_FILES = ("config.yaml", "tokenizer.json", "provenance.json", "metrics.jsonl",
              "metrics.redone.jsonl")
@@ -137,11 +137,13 @@ class RunStore:
             parts = pathlib.PurePath(name).parts
             if items is not None and len(parts) > 1 and parts[0] not in items:
                 continue
-            data = self._get(f"{rel}/{name}")
-            if data is None:
-                continue  # missing: verification names it
             (local / name).parent.mkdir(parents=True, exist_ok=True)
-            (local / name).write_bytes(data)
+            try:  # streamed to the file (a checkpoint's objects can be gigabytes)
+                self.fs.get_file(self._key(f"{rel}/{name}"), str(local / name))
+            except FileNotFoundError:
+                continue  # missing: verification names it
+            except store_errors() as err:
+                raise store_error(f"{self.url}/{rel}/{name}", err, "reading") from None
         return manifest.decode()
 
     def pull_for_training(self) -> pathlib.Path:
@@ -213,7 +215,8 @@ class RunStore:
                 self._call("deleting", f"{rel}/{MANIFEST}", self.fs.rm_file, self._key(f"{rel}/{MANIFEST}"))
             self._delete_tree(rel)  # a damaged copy was set aside first (set_aside)
             for path in sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
-                self._put(f"{rel}/{path.relative_to(step_dir).as_posix()}", path.read_bytes())
+                name = f"{rel}/{path.relative_to(step_dir).as_posix()}"  # streamed; multipart when large
+                self._call("writing", name, self.fs.put_file, str(path), self._key(name))
             self._put(f"{rel}/{MANIFEST}", manifest.encode())
             self.in_bucket[step] = manifest
         for step in [s for s in self.in_bucket if s not in local]:
@@ -268,13 +271,7 @@ class BucketLock:
                     owner = {} if raw is None else json.loads(raw)
                 except ValueError:
                     owner = None
-                if owner is not None and not RunDirLock._stale(owner):
-                    raise ConfigError(
-                        f"run dir {self.store.url} is in use by pid {owner.get('pid')} on host "
-                        f"{owner.get('host')} (since {owner.get('started')}); wait for it or stop it, "
-                        f"or train into another run.dir") from None
-                what = "an unreadable lock" if owner is None else f"the lock of dead pid {owner.get('pid')}"
-                print(f"taking over {what} in {self.store.url}", file=sys.stderr)
+                take_over_or_refuse(owner, self.store.url)
                 self.store._call("deleting", LOCK, self.store.fs.rm_file, key)
                 continue
             except store_errors() as err:

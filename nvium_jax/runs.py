@@ -257,6 +257,19 @@ def set_aside(run_dir: pathlib.Path, steps: list[int]) -> None:
 
 
 # ---- one training process per run dir -----------------------------------------------
+def take_over_or_refuse(owner: Optional[dict], run_dir) -> None:
+    """A lock found held: a live owner's (or another host's) refuses in one line naming it;
+    a dead process's on this host, or an unreadable one (None), is taken over (said on
+    stderr) — the caller then removes it and tries again."""
+    if owner is not None and not RunDirLock._stale(owner):
+        raise ConfigError(
+            f"run dir {run_dir} is in use by pid {owner.get('pid')} on host "
+            f"{owner.get('host')} (since {owner.get('started')}); wait for it or stop it, "
+            f"or train into another run.dir") from None
+    what = "an unreadable lock" if owner is None else f"the lock of dead pid {owner.get('pid')}"
+    print(f"taking over {what} in {run_dir}", file=sys.stderr)
+
+
 class RunDirLock:
     """RUN_DIR/train.lock names the owning process (pid, host, start time). A second
     trainer refuses in one line; a lock left by a dead process on this host is taken over."""
@@ -274,14 +287,7 @@ class RunDirLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._owner()
-                if owner is not None and not self._stale(owner):
-                    raise ConfigError(
-                        f"run dir {self.path.parent} is in use by pid {owner.get('pid')} on host "
-                        f"{owner.get('host')} (since {owner.get('started')}); wait for it or stop it, "
-                        f"or train into another run.dir") from None
-                what = "an unreadable lock" if owner is None else f"the lock of dead pid {owner.get('pid')}"
-                print(f"taking over {what} in {self.path.parent}", file=sys.stderr)
+                take_over_or_refuse(self._owner(), self.path.parent)
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:

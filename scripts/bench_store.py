@@ -1,7 +1,7 @@
 """Checkpoints and token reads through an S3 server on loopback against the local disk.
 
 For nvium-tiny and nvium-125m (float32): the seconds to save a whole train state (params,
-optimizer, counters) and seal it locally, and to do the same in a run dir `s3://…` (the
+Adam's two moments filled with noise, counters) and seal it locally, and to do the same in a run dir `s3://…` (the
 local mirror's save plus the push of its objects, manifest last); the seconds to restore it
 locally, and from the bucket (the pull into an empty mirror plus the restore); and the
 training loader's tokens/s from the local data dir and from a copy in the bucket (tensorstore's
@@ -27,6 +27,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 
 from nvium_jax.config import load_config
 from nvium_jax.data import resolve_data_dir
@@ -84,6 +85,13 @@ def checkpoint_times(config, root: pathlib.Path, runs: int) -> dict:
     """Median seconds of save and restore, locally and through the bucket, and the bytes."""
     trainer = make_trainer(config, make_mesh(config.mesh))
     state = trainer.init_fn()
+    # Adam's moments start at zero, which orbax's compression shrinks to nothing: fill them
+    # with noise so that the checkpoint has the size of a trained one (params + 2 moments)
+    leaves, treedef = jax.tree.flatten(state.opt_state)
+    keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+    state = state._replace(opt_state=jax.tree.unflatten(treedef, [
+        x + 1e-3 * jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim
+        else x for x, k in zip(leaves, keys)]))
     target = abstract_state(trainer)
     rows = {k: [] for k in ("local_save_s", "bucket_save_s", "bucket_push_s", "local_restore_s",
                             "bucket_restore_s", "bucket_pull_s")}

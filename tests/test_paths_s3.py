@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -399,6 +400,9 @@ def test_a_checkpoint_is_pushed_manifest_last_after_the_metrics(tmp_path):
         def pipe_file(self, key, data):
             self.calls.append(("put", key))
             self.objects[key] = data
+
+        def put_file(self, path, key):
+            self.pipe_file(key, pathlib.Path(path).read_bytes())
 
         def exists(self, key):
             return any(k == key or k.startswith(key + "/") for k in self.objects)
