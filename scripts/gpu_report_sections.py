@@ -20,9 +20,7 @@ import json
 import os
 import pathlib
 import platform
-import statistics
 import sys
-import time
 import traceback
 
 # The GPU image has neither: any import of them fails here as it would there.
@@ -34,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nvium_jax.config import load_config  # noqa: E402
-from nvium_jax.eval.decode_bench import REFERENCE_EXIT_RATES, bench_decode  # noqa: E402
+from nvium_jax.eval.decode_bench import REFERENCE_EXIT_RATES, bench_decode, per_call_s  # noqa: E402
 from nvium_jax.inference.kernels import cache_attention  # noqa: E402
 from nvium_jax.model import build_model, param_count  # noqa: E402
 from nvium_jax.model.count import matched_baseline_model  # noqa: E402
@@ -105,26 +103,12 @@ def _model(spec):
     return _models[spec]
 
 
-def _per_call_s(fn, *args, calls: int, repeats: int = 5) -> float:
-    """Median seconds per call over `repeats` blocks of `calls` back-to-back calls (one
-    host sync per block), after a first call that compiles."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
-
-
 def environment(plan: Plan, earlier: dict, emit) -> dict:
     """Versions, the device, and the roofline's denominator: a device-to-device copy (a
     jitted `jnp.copy`, a real copy in XLA), bytes read + written per second."""
     device = jax.devices()[0]
     x = jnp.ones(plan.copy_bytes // 4, jnp.float32)
-    copy_s = _per_call_s(jax.jit(jnp.copy), x, calls=plan.calls)
+    copy_s = per_call_s(jax.jit(jnp.copy), x, calls=plan.calls)
     moved = 2 * x.nbytes
     return {
         "jax_version": jax.__version__,
@@ -213,7 +197,7 @@ def kernel(plan: Plan, earlier: dict, emit) -> dict:
             k, v = (jnp.asarray(rng.standard_normal((B, G, S, E)), dtype) for _ in range(2))
             cache_len_B = jnp.asarray(rng.integers(S // 2, S + 1, (B,)), jnp.int32)
             (out_p, lse_p), (out_r, lse_r) = (impls[i](q, k, v, cache_len_B) for i in ("pallas", "reference"))
-            seconds = {i: _per_call_s(fn, q, k, v, cache_len_B, calls=plan.calls) for i, fn in impls.items()}
+            seconds = {i: per_call_s(fn, q, k, v, cache_len_B, calls=plan.calls) for i, fn in impls.items()}
             result["rows"].append({
                 "batch": B, "queries": T,
                 "max_abs_err_out": float(jnp.max(jnp.abs(out_p - out_r))),

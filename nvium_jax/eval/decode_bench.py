@@ -126,13 +126,17 @@ def bytes_read(stats, costs: ByteCosts) -> float:
     )
 
 
-def _median_call_s(fn, arg, repeats: int) -> float:
-    jax.block_until_ready(fn(arg))  # compile and warm up
+def per_call_s(fn, *args, calls: int = 1, repeats: int = 5) -> float:
+    """Median seconds per call over `repeats` blocks of `calls` back-to-back calls (one
+    host sync per block), after a first call that compiles and warms up."""
+    jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(arg))
-        times.append(time.perf_counter() - start)
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / calls)
     return statistics.median(times)
 
 
@@ -146,8 +150,8 @@ def stream_read_gbps(nbytes: int = STREAM_BYTES, repeats: int = 9) -> float:
     matrix = jnp.ones((rows, 1024), jnp.float32)
     vector = jnp.ones((1024,), jnp.float32)
     read = float(matrix.size * matrix.dtype.itemsize)
-    best_s = min(_median_call_s(jax.jit(jnp.sum), matrix, repeats),
-                 _median_call_s(jax.jit(lambda m: m @ vector), matrix, repeats))
+    best_s = min(per_call_s(jax.jit(jnp.sum), matrix, repeats=repeats),
+                 per_call_s(jax.jit(lambda m: m @ vector), matrix, repeats=repeats))
     del matrix
     return read / best_s / 1e9
 
@@ -224,8 +228,8 @@ def bench_decode(
     deferred, dense = outputs["nvium"], outputs["dense"]
     if not np.array_equal(deferred.tokens_BxN, dense.tokens_BxN) and cfg.dtype == "float32":
         raise RuntimeError("deferred and dense decoding disagree in float32: a bug, please report")
-    costs = {"nvium": byte_costs(cfg), "dense": byte_costs(cfg),
-             "baseline": byte_costs(baseline.config)}
+    nvium_costs = byte_costs(cfg)
+    costs = {"nvium": nvium_costs, "dense": nvium_costs, "baseline": byte_costs(baseline.config)}
     per_token = {name: bytes_read(out.state.stats, costs[name]) / int((out.lengths_B - 1).sum())
                  for name, out in outputs.items()}
     ideal = per_token["dense"] / per_token["nvium"]  # the same tokens: bytes per token's ratio
