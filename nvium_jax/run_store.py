@@ -14,6 +14,8 @@ an `s3://` URL trains and loads in a local mirror (`<cache>/runs/…`, the cache
   rule), and a step written again loses its old manifest before any of its files change.
   Checkpoints that orbax rotates out locally (`train.keep`) are deleted in the bucket; damaged
   ones are copied to `damaged/` before their step is written again, never just deleted.
+  While training, a checkpoint uploads in a background thread from a hard-linked snapshot
+  (one upload at a time); the end of training (also after SIGTERM) waits for it.
 - **the lock** is the object `train.lock`, created with `If-None-Match: *`: of two trainers
   one PUT succeeds and the other is refused, whichever host they run on.
 
@@ -31,6 +33,7 @@ import pathlib
 import platform
 import shutil
 import sys
+import threading
 import time
 from typing import Iterable, Optional
 
@@ -65,6 +68,9 @@ class RunStore:
         self.in_bucket: dict[int, str] = {}  # step → the manifest the bucket holds, verified
         self.sent: dict[str, bytes] = {}  # run file → the bytes last put
         self.metrics_pushed_at = 0.0
+        self.files_lock = threading.Lock()
+        self.pusher: Optional[threading.Thread] = None
+        self.push_error: Optional[BaseException] = None
 
     # ---- requests, each failure one line naming the URL -----------------------------
     def _call(self, doing: str, rel: str, fn, *args, **kwargs):
@@ -186,42 +192,85 @@ class RunStore:
     # ---- pushing ---------------------------------------------------------------------
     def push_files(self, names: Iterable[str] = RUN_FILES) -> None:
         """Each named run file in the mirror that changed since it was last put, put whole."""
-        for name in names:
-            path = self.mirror / name
-            if not path.is_file():
-                continue
-            data = path.read_bytes()
-            if self.sent.get(name) != data:
-                self._put(name, data)
-                self.sent[name] = data
+        with self.files_lock:  # the background push puts metrics.jsonl too
+            for name in names:
+                path = self.mirror / name
+                if not path.is_file():
+                    continue
+                data = path.read_bytes()
+                if self.sent.get(name) != data:
+                    self._put(name, data)
+                    self.sent[name] = data
 
     def push_metrics(self, force: bool = False) -> None:
         if force or time.monotonic() - self.metrics_pushed_at >= METRICS_PUSH_S:
             self.push_files(("metrics.jsonl",))
             self.metrics_pushed_at = time.monotonic()
 
-    def push_checkpoints(self) -> None:
-        """Every sealed checkpoint of the mirror whose manifest the bucket lacks: the old
-        manifest deleted, the step's objects replaced, the manifest put last. Steps that left
-        the mirror (orbax's rotation) leave the bucket."""
+    def _plan(self) -> tuple[list[tuple[int, str, pathlib.Path]], list[int]]:
+        """What the bucket lacks: (step, manifest, a hard-linked snapshot of the step dir —
+        orbax may rotate the original out while it uploads) for each sealed checkpoint whose
+        manifest the bucket does not hold, and the steps that left the mirror."""
         local = {s: d for s, d in step_dirs(self.mirror).items() if (d / MANIFEST).is_file()}
+        new = []
         for step, step_dir in sorted(local.items()):
             manifest = (step_dir / MANIFEST).read_text()
-            if self.in_bucket.get(step) == manifest:
-                continue
+            if self.in_bucket.get(step) != manifest:
+                new.append((step, manifest, _snapshot(step_dir, self.mirror / ".push" / str(step))))
+        return new, [s for s in self.in_bucket if s not in local]
+
+    def _push(self, plan) -> None:
+        """Each new checkpoint: the old manifest deleted, the step's objects replaced, the
+        manifest put last; then the rotated steps deleted."""
+        new, rotated = plan
+        for step, manifest, staged in new:
             rel = f"checkpoints/{step}"
             self.push_metrics(force=True)  # the bucket's metrics reach every checkpoint it holds
             if self._exists(f"{rel}/{MANIFEST}"):
                 self._call("deleting", f"{rel}/{MANIFEST}", self.fs.rm_file, self._key(f"{rel}/{MANIFEST}"))
             self._delete_tree(rel)  # a damaged copy was set aside first (set_aside)
-            for path in sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
-                name = f"{rel}/{path.relative_to(step_dir).as_posix()}"  # streamed; multipart when large
+            for path in sorted(p for p in staged.rglob("*") if p.is_file() and p.name != MANIFEST):
+                name = f"{rel}/{path.relative_to(staged).as_posix()}"  # streamed; multipart when large
                 self._call("writing", name, self.fs.put_file, str(path), self._key(name))
             self._put(f"{rel}/{MANIFEST}", manifest.encode())
             self.in_bucket[step] = manifest
-        for step in [s for s in self.in_bucket if s not in local]:
+            shutil.rmtree(staged, ignore_errors=True)
+        for step in rotated:
             self._delete_tree(f"checkpoints/{step}")
             del self.in_bucket[step]
+
+    def _push_in_background(self, plan) -> None:
+        try:
+            self._push(plan)
+        except BaseException as err:  # re-raised in the training thread by wait()
+            self.push_error = err
+
+    def wait(self) -> None:
+        """Until the background push is done; its error, if it failed, raised here."""
+        if self.pusher is not None:
+            self.pusher.join()
+            self.pusher = None
+        if self.push_error is not None:
+            err, self.push_error = self.push_error, None
+            raise err
+
+    def push_checkpoints(self) -> None:
+        """Every sealed checkpoint the bucket lacks, pushed now (after any background push)."""
+        self.wait()
+        self._push(self._plan())
+
+    def push_checkpoints_async(self) -> None:
+        """The same in a background thread, so that training goes on while a checkpoint
+        uploads; one push at a time (a call while one runs returns, and a later call takes
+        what is new). A failed push is raised at the next call."""
+        if self.pusher is not None and self.pusher.is_alive():
+            return
+        self.wait()
+        plan = self._plan()
+        if plan[0] or plan[1]:
+            self.pusher = threading.Thread(target=self._push_in_background, args=(plan,),
+                                           name="nvium-push", daemon=True)
+            self.pusher.start()
 
     def set_aside(self, steps: list[int]) -> None:
         """Damaged checkpoints copied to `damaged/checkpoint-STEP-STAMP/` in the bucket (kept,
@@ -242,7 +291,7 @@ class RunStore:
             self._put(path.relative_to(self.mirror).as_posix(), path.read_bytes())
 
     def push_all(self) -> None:
-        self.push_checkpoints()
+        self.push_checkpoints()  # waits for a background push first
         self.push_files()
 
     # ---- one trainer per run dir -------------------------------------------------------
@@ -289,6 +338,22 @@ class BucketLock:
                       f"next run", file=sys.stderr)
             self.held = False
         return False
+
+
+def _snapshot(step_dir: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
+    """`step_dir`'s files hard-linked under `target` (copied where links fail): instant, and
+    unaffected when orbax deletes the original."""
+    if target.exists():
+        shutil.rmtree(target)
+    for path in step_dir.rglob("*"):
+        if path.is_file():
+            copy = target / path.relative_to(step_dir)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, copy)
+            except OSError:
+                shutil.copy2(path, copy)
+    return target
 
 
 def open_run(value, what: str, kind: str = "train") -> Optional[RunStore]:

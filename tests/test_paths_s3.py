@@ -386,35 +386,38 @@ def test_a_multi_process_run_into_a_bucket_is_refused(monkeypatch):
         check_single_process("s3://b/run")
 
 
+class Recorder:
+    """A stand-in for s3fs that records the order of requests."""
+
+    def __init__(self):
+        self.calls, self.objects = [], {}
+
+    def pipe_file(self, key, data):
+        self.calls.append(("put", key))
+        self.objects[key] = data
+
+    def put_file(self, path, key):
+        self.pipe_file(key, pathlib.Path(path).read_bytes())
+
+    def exists(self, key):
+        return any(k == key or k.startswith(key + "/") for k in self.objects)
+
+    def rm_file(self, key):
+        self.calls.append(("rm", key))
+        self.objects.pop(key)
+
+    def rm(self, key, recursive):
+        self.calls.append(("rm", key))
+        for k in [k for k in self.objects if k.startswith(key + "/")]:
+            self.objects.pop(k)
+
+
 def test_a_checkpoint_is_pushed_manifest_last_after_the_metrics(tmp_path):
-    """The order of requests (a recording stand-in for s3fs): a sealed step's objects, then
+    """The order of requests (`Recorder`, a stand-in for s3fs): a sealed step's objects, then
     its manifest, after metrics.jsonl; nothing again when unchanged; a step written again
     loses its old manifest before any object changes; a rotated step leaves the bucket."""
     from nvium_jax.run_store import RunStore
     from nvium_jax.runs import seal
-
-    class Recorder:
-        def __init__(self):
-            self.calls, self.objects = [], {}
-
-        def pipe_file(self, key, data):
-            self.calls.append(("put", key))
-            self.objects[key] = data
-
-        def put_file(self, path, key):
-            self.pipe_file(key, pathlib.Path(path).read_bytes())
-
-        def exists(self, key):
-            return any(k == key or k.startswith(key + "/") for k in self.objects)
-
-        def rm_file(self, key):
-            self.calls.append(("rm", key))
-            self.objects.pop(key)
-
-        def rm(self, key, recursive):
-            self.calls.append(("rm", key))
-            for k in [k for k in self.objects if k.startswith(key + "/")]:
-                self.objects.pop(k)
 
     store = RunStore("s3://b/run", mirror=tmp_path / "mirror")
     store.fs = fake = Recorder()
@@ -444,3 +447,59 @@ def test_a_checkpoint_is_pushed_manifest_last_after_the_metrics(tmp_path):
     store.push_checkpoints()
     assert fake.calls == [("rm", "b/run/checkpoints/3")] and fake.objects == {
         "b/run/metrics.jsonl": b'{"step": 3, "loss": 1.0}\n'}
+
+
+def _sealed_step(mirror, step: int, payload: bytes):
+    from nvium_jax.runs import seal
+
+    step_dir = mirror / "checkpoints" / str(step)
+    (step_dir / "params").mkdir(parents=True)
+    (step_dir / "params" / "a").write_bytes(payload)
+    seal(step_dir)
+    return step_dir
+
+
+def test_a_background_push_uploads_a_snapshot_while_training_goes_on(tmp_path):
+    """`push_checkpoints_async` returns while the upload runs (one at a time), uploads the
+    step even when orbax deletes it meanwhile (a hard-linked snapshot), and a failed upload
+    is raised at the next call."""
+    import shutil
+    import threading
+
+    from nvium_jax.run_store import RunStore
+
+    release, started = threading.Event(), threading.Event()
+
+    class Slow(Recorder):
+        fail = False
+
+        def put_file(self, path, key):
+            started.set()
+            assert release.wait(30)
+            if self.fail:
+                raise OSError("Access Denied")
+            super().put_file(path, key)
+
+    store = RunStore("s3://b/run", mirror=tmp_path / "mirror")
+    store.fs = fake = Slow()
+    step_dir = _sealed_step(tmp_path / "mirror", 3, b"weights")
+    store.push_checkpoints_async()
+    assert started.wait(30) and store.pusher.is_alive()
+    pusher = store.pusher
+    _sealed_step(tmp_path / "mirror", 6, b"more weights")
+    store.push_checkpoints_async()  # one push at a time: this call returns
+    assert store.pusher is pusher
+    shutil.rmtree(step_dir)  # orbax rotates step 3 out mid-upload
+    release.set()
+    store.wait()
+    assert fake.objects["b/run/checkpoints/3/params/a"] == b"weights"
+    assert fake.calls[-1] == ("put", "b/run/checkpoints/3/nvium-manifest.json")
+    assert not (tmp_path / "mirror" / ".push" / "3").exists()
+    release.clear()
+    fake.fail = True
+    store.push_checkpoints_async()  # step 6 is new, step 3 has left the mirror
+    release.set()
+    with pytest.raises(ConfigError, match=r"writing 's3://b/run/checkpoints/6/params/a' failed "
+                                          r"\(Access Denied\)"):
+        store.wait()
+    assert "b/run/checkpoints/6/nvium-manifest.json" not in fake.objects  # never trusted

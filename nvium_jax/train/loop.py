@@ -216,7 +216,7 @@ class LocalRun:
     def push_metrics(self, force=False):
         pass
 
-    def push_checkpoints(self):
+    def push_checkpoints_async(self):
         pass
 
 
@@ -312,7 +312,7 @@ def _loop(config, trainer, state, batches, manager, sink, stop, val, val_shardin
             state, summary["eval"] = _log_eval(sink, trainer, state, val, val_sharding, step, config)
             last_sync = time.time()  # evaluation time is not training throughput
         seal_finished(run_dir, manager)  # the last async save, once orbax has committed it
-        store.push_checkpoints()
+        store.push_checkpoints_async()  # a sealed checkpoint uploads while training goes on
         if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps or stopping:
             save_checkpoint(manager, state, batches.get_state(), config)
             last_good = step
