@@ -4,7 +4,9 @@ Local paths are the default and behave as they always did (`pathlib`). A data di
 be an `s3://bucket/prefix` URL: its small files go through etils `epath` (s3fs underneath)
 and its token arrays through tensorstore's own `s3` kvstore; both take the endpoint, region
 and credentials from the standard AWS environment (`AWS_ENDPOINT_URL`, `AWS_REGION`,
-`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`). A run dir may be an `s3://` URL too
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`). A `gs://bucket/prefix` URL works the same
+way through gcsfs and tensorstore's `gcs` kvstore, with application default credentials
+(or an emulator at STORAGE_EMULATOR_HOST). A run dir may be such a URL too
 (`nvium_jax.run_store`: a local mirror, the bucket the truth). Any other URL is refused in
 one line naming the value and what is supported, never folded into a local folder the way
 `pathlib` would (`s3://b/run` → `./s3:/b/run`).
@@ -20,15 +22,21 @@ from typing import Any
 from nvium_jax.config import ConfigError
 
 SUPPORTED_SCHEMES: tuple[str, ...] = ()  # URL schemes every other path may use (none)
-DATA_SCHEMES: tuple[str, ...] = ("s3",)  # URL schemes a prepared data dir may use
-RUN_SCHEMES: tuple[str, ...] = ("s3",)  # URL schemes a run dir may use (nvium_jax.run_store)
+DATA_SCHEMES: tuple[str, ...] = ("s3", "gs")  # URL schemes a prepared data dir may use
+RUN_SCHEMES: tuple[str, ...] = ("s3", "gs")  # URL schemes a run dir may use (nvium_jax.run_store)
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_CHECK_STORE = ("check the bucket name, the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) "
-                "and the endpoint (AWS_ENDPOINT_URL, AWS_REGION)")
+# per scheme: the fsspec backend (under etils epath), the extra that installs it, what to check
+_BACKEND = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs")}
+_CHECK_STORE = {
+    "s3": ("check the bucket name, the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) "
+           "and the endpoint (AWS_ENDPOINT_URL, AWS_REGION)"),
+    "gs": ("check the bucket name, the credentials (application default credentials, "
+           "GOOGLE_APPLICATION_CREDENTIALS) and, for an emulator, STORAGE_EMULATOR_HOST"),
+}
 
 
 def url_scheme(value: str | os.PathLike) -> str | None:
-    """`s3` for `s3://bucket/key`; None for a local path."""
+    """`s3` for `s3://bucket/key`, `gs` for `gs://…`; None for a local path."""
     match = _URL.match(str(value)) if isinstance(value, (str, os.PathLike)) else None
     return match.group(1).lower() if match else None
 
@@ -43,16 +51,30 @@ def location(value: str | os.PathLike, what: str, schemes: tuple[str, ...] = ())
         supported = ", ".join(f"{s}://" for s in schemes)
         raise ConfigError(
             f"{what}={str(value)!r} is a URL ({scheme}://), which is not supported; "
-            + (f"give a local path or an {supported} URL" if supported else
-               "give a local path (run dirs on object stores such as s3:// and gs:// are not "
-               "supported yet)"))
+            + (f"give a local path or a URL of {supported}" if supported else
+               "give a local path (this path cannot be on an object store)"))
+    backend, extra = _BACKEND[scheme]
     try:
+        import importlib
+
         from etils import epath
-        import s3fs  # noqa: F401  (epath's backend for s3://)
+        importlib.import_module(backend)  # epath's backend for this scheme
     except ImportError as err:
-        raise ConfigError(f"{what}={str(value)!r} needs s3fs ({err}); install it with "
-                          f"pip install 'nvium_jax[s3]'") from None
+        raise ConfigError(f"{what}={str(value)!r} needs {backend} ({err}); install it with "
+                          f"pip install 'nvium_jax[{extra}]'") from None
     return epath.Path(str(value))
+
+
+def object_store(scheme: str):
+    """The fsspec file system of a scheme (s3fs or gcsfs), from the standard environment.
+    An emulator (STORAGE_EMULATOR_HOST) takes no credentials."""
+    if scheme == "s3":
+        import s3fs
+
+        return s3fs.S3FileSystem()
+    from gcsfs.core import GCSFileSystem  # the plain client (no gRPC bucket-type probe)
+
+    return GCSFileSystem(token="anon") if os.environ.get("STORAGE_EMULATOR_HOST") else GCSFileSystem()
 
 
 def local_path(value: str | os.PathLike, what: str) -> pathlib.Path:
@@ -61,13 +83,13 @@ def local_path(value: str | os.PathLike, what: str) -> pathlib.Path:
 
 
 def run_location(value: str | os.PathLike, what: str) -> Any:
-    """A run dir: a local path or an `s3://` URL (trained and read through a local mirror,
-    `nvium_jax.run_store`)."""
+    """A run dir: a local path or an `s3://` / `gs://` URL (trained and read through a local
+    mirror, `nvium_jax.run_store`)."""
     return location(value, what, RUN_SCHEMES)
 
 
 def data_location(value: str | os.PathLike, what: str) -> Any:
-    """A prepared data dir: a local path or an `s3://` URL."""
+    """A prepared data dir: a local path or an `s3://` / `gs://` URL."""
     return location(value, what, DATA_SCHEMES)
 
 
@@ -75,12 +97,26 @@ def is_url(path: Any) -> bool:
     return url_scheme(path) is not None
 
 
+def split_url(path: Any) -> tuple[str, str, str]:
+    """(scheme, bucket, key) of `s3://bucket/key` or `gs://bucket/key`."""
+    scheme, rest = str(path).split("://", 1)
+    bucket, _, key = rest.partition("/")
+    return scheme.lower(), bucket, key
+
+
 def kvstore_spec(path: Any) -> dict:
-    """tensorstore's kvstore for a local path or an `s3://bucket/key` URL. tensorstore's s3
-    driver does not read AWS_ENDPOINT_URL itself, so the endpoint and region are passed on."""
+    """tensorstore's kvstore for a local path or an `s3://` / `gs://` URL. tensorstore's s3
+    driver does not read AWS_ENDPOINT_URL itself, so the endpoint and region are passed on;
+    its gcs driver reads an endpoint only from TENSORSTORE_GCS_HTTP_URL, which is set from
+    the standard STORAGE_EMULATOR_HOST when only that is given."""
     if not is_url(path):
         return {"driver": "file", "path": str(path)}
-    bucket, _, key = str(path)[len("s3://"):].partition("/")
+    scheme, bucket, key = split_url(path)
+    if scheme == "gs":
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        if emulator and not os.environ.get("TENSORSTORE_GCS_HTTP_URL"):
+            os.environ["TENSORSTORE_GCS_HTTP_URL"] = emulator if "://" in emulator else f"http://{emulator}"
+        return {"driver": "gcs", "bucket": bucket, "path": key.rstrip("/") + "/"}
     spec = {"driver": "s3", "bucket": bucket, "path": key.rstrip("/") + "/"}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
@@ -95,37 +131,51 @@ def kvstore_spec(path: Any) -> dict:
 
 
 def store_errors() -> tuple[type[BaseException], ...]:
-    """What a failed object-store request raises: OSError from s3fs, botocore's own errors
-    (an unreachable endpoint, a denied request) that s3fs passes through."""
+    """What a failed object-store request raises: OSError from s3fs and gcsfs, botocore's
+    own errors (an unreachable endpoint, a denied request) that s3fs passes through, gcsfs's
+    HTTP errors and aiohttp's connection errors."""
+    errors: tuple[type[BaseException], ...] = (OSError,)
     try:
         from botocore import exceptions
+
+        errors += (exceptions.BotoCoreError, exceptions.ClientError)
     except ImportError:
-        return (OSError,)
-    return (OSError, exceptions.BotoCoreError, exceptions.ClientError)
+        pass
+    try:
+        import aiohttp
+        from gcsfs.retry import HttpError
+
+        errors += (HttpError, aiohttp.ClientError)
+    except ImportError:
+        pass
+    return errors
 
 
 def check_bucket(path: Any, what: str) -> None:
     """For a URL: its bucket exists and answers (before work whose result would go there)."""
     if not is_url(path):
         return
-    import s3fs
-
-    bucket = str(path)[len("s3://"):].partition("/")[0]
+    scheme, bucket, _ = split_url(path)
     try:
-        found = s3fs.S3FileSystem().exists(bucket)
+        found = object_store(scheme).exists(bucket)
     except store_errors() as err:
         found, detail = False, f" ({str(err).splitlines()[0]})"
     else:
         detail = ""
     if not found:
         raise ConfigError(f"{what}={str(path)!r}: bucket {bucket!r} does not exist or cannot be "
-                          f"reached{detail}; {_CHECK_STORE}")
+                          f"reached{detail}; {_CHECK_STORE[scheme]}")
+
+
+def store_check(path: Any) -> str:
+    """What to check when a request to the store of `path` (a URL) fails."""
+    return _CHECK_STORE.get(url_scheme(path), _CHECK_STORE["s3"])
 
 
 def store_error(path: Any, err: BaseException, doing: str) -> ConfigError:
     """One line for a failed object-store request: the URL, what failed, what to check."""
     detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return ConfigError(f"{doing} {str(path)!r} failed ({detail}); {_CHECK_STORE}")
+    return ConfigError(f"{doing} {str(path)!r} failed ({detail}); {store_check(path)}")
 
 
 def write_text(path: Any, text: str) -> None:

@@ -1,7 +1,9 @@
-"""A run dir in an object store (`s3://bucket/prefix`), worked on through a local mirror.
+"""A run dir in an object store (`s3://` or `gs://bucket/prefix`), worked on through a local
+mirror.
 
 orbax-checkpoint 0.12 writes arrays to local paths and to `gs://` only, so a run whose dir is
-an `s3://` URL trains and loads in a local mirror (`<cache>/runs/…`, the cache dir of
+a bucket URL trains and loads in a local mirror (for `gs://` too: one code path for both
+stores, and multi-host `gs://` runs through orbax's own driver are not wired yet) (`<cache>/runs/…`, the cache dir of
 `nvium_jax.data.corpus.default_cache_dir`) while the bucket stays the truth:
 
 - **pull** makes the mirror what the bucket holds before training: the run files and every
@@ -16,12 +18,13 @@ an `s3://` URL trains and loads in a local mirror (`<cache>/runs/…`, the cache
   ones are copied to `damaged/` before their step is written again, never just deleted.
   While training, a checkpoint uploads in a background thread from a hard-linked snapshot
   (one upload at a time); the end of training (also after SIGTERM) waits for it.
-- **the lock** is the object `train.lock`, created with `If-None-Match: *`: of two trainers
-  one PUT succeeds and the other is refused, whichever host they run on.
+- **the lock** is the object `train.lock`, created only if absent (`If-None-Match: *` on S3,
+  `ifGenerationMatch=0` on GCS): of two trainers one PUT succeeds and the other is refused,
+  whichever host they run on.
 
 Only process 0 of a single-process run writes; a multi-process run into a bucket is refused
 (its hosts' checkpoint shards would land on separate local mirrors). Credentials, region and
-endpoint come from the standard AWS environment, as for data dirs (`nvium_jax.paths`).
+endpoint come from each store's standard environment, as for data dirs (`nvium_jax.paths`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import time
 from typing import Iterable, Optional
 
 from nvium_jax.config import ConfigError
-from nvium_jax.paths import check_bucket, store_error, store_errors, url_scheme
+from nvium_jax.paths import check_bucket, object_store, store_error, store_errors, url_scheme
 from nvium_jax.runs import MANIFEST, checkpoint_problem, now_utc, step_dirs, take_over_or_refuse
 
 RUN_FILES = ("config.yaml", "tokenizer.json", "provenance.json", "metrics.jsonl",
@@ -58,13 +61,11 @@ class RunStore:
     trainer's working copy, "read" for what `load_run` and `nvium eval` read)."""
 
     def __init__(self, url: str, kind: str = "train", mirror: Optional[pathlib.Path] = None):
-        import s3fs
-
         self.url = str(url).rstrip("/")
         self.name = self.url  # how messages name the run dir
-        self.root = self.url.split("://", 1)[1]  # bucket/prefix, s3fs's form
+        self.root = self.url.split("://", 1)[1]  # bucket/prefix, fsspec's form
         self.mirror = mirror or mirror_root() / kind / url_scheme(url) / self.root
-        self.fs = s3fs.S3FileSystem()  # the AWS environment: endpoint, region, credentials
+        self.fs = object_store(url_scheme(url))  # s3fs or gcsfs, from the standard environment
         self.in_bucket: dict[int, str] = {}  # step → the manifest the bucket holds, verified
         self.sent: dict[str, bytes] = {}  # run file → the bytes last put
         self.metrics_pushed_at = 0.0
@@ -280,7 +281,10 @@ class RunStore:
             rel, target = f"checkpoints/{step}", f"damaged/checkpoint-{step}-{stamp}"
             if not self._exists(rel):
                 continue
-            self._call("copying", rel, self.fs.copy, self._key(rel), self._key(target), recursive=True)
+            source = self._key(rel)
+            for key in self._call("listing", rel, self.fs.find, source):  # object by object:
+                # a recursive copy also tries the prefix itself as an object (gcsfs), in vain
+                self._call("copying", rel, self.fs.cp_file, key, self._key(target) + key[len(source):])
             self._delete_tree(rel)
             self.in_bucket.pop(step, None)
             print(f"moved damaged checkpoint {step} to {self.url}/{target}", file=sys.stderr)
@@ -310,10 +314,12 @@ class BucketLock:
     def __enter__(self):
         me = json.dumps({"pid": os.getpid(), "host": platform.node(), "started": now_utc()}).encode()
         key = self.store._key(LOCK)
-        bucket, name = key.split("/", 1)
         for _ in range(3):
-            try:  # created only if absent: the precondition is the lock
-                self.store.fs.call_s3("put_object", Bucket=bucket, Key=name, Body=me, IfNoneMatch="*")
+            try:  # created only if absent: the precondition is the lock (an existing lock is
+                # also looked for first, for servers that ignore the precondition, e.g. emulators)
+                if self.store._get(LOCK) is not None:
+                    raise FileExistsError(key)
+                self.store.fs.pipe_file(key, me, mode="create")
             except FileExistsError:
                 raw = self.store._get(LOCK)
                 try:
@@ -373,6 +379,6 @@ def check_single_process(url: str) -> None:
 
     if jax.process_count() > 1:
         raise ConfigError(
-            f"run.dir={url!r}: a multi-process run cannot train into s3:// yet (orbax-checkpoint "
+            f"run.dir={url!r}: a multi-process run cannot train into a bucket yet (orbax-checkpoint "
             f"0.12 writes each host's shards to a local path); give run.dir a path on a file "
             f"system every host shares, or train on one host")

@@ -396,8 +396,8 @@ def load_run(run_dir, step: Optional[int] = None, *, device=None) -> Run:
 
     The parameters are restored whole onto one device of this process (`device`, default
     its first), whatever mesh trained the run: a run trained on a pod loads on a laptop.
-    `run_dir` may be an `s3://` URL: the run files and the one checkpoint it loads are
-    mirrored locally first (`nvium_jax.run_store`).
+    `run_dir` may be an `s3://` or `gs://` URL: the run files and the one checkpoint it
+    loads are mirrored locally first (`nvium_jax.run_store`).
     It turns on JAX's persistent compilation cache (`nvium_jax.compile_cache`; off with
     NVIUM_COMPILE_CACHE=off), so a new process decodes without compiling again.
     """

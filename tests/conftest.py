@@ -19,6 +19,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval tasks in tests read local files only
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NVIUM_COMPILE_CACHE", "off")  # tests compile afresh, write no user cache
+# gcsfs's default client probes each bucket over gRPC (60 s against an emulator): the plain one
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

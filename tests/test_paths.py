@@ -1,5 +1,5 @@
-"""The path layer: a URL of a scheme not supported (any but s3:// for a run dir or a data dir,
-any URL elsewhere) is refused in one line naming the value and what is supported — through the CLI
+"""The path layer: a URL of a scheme not supported (any but s3:// and gs:// for a run dir or a
+data dir, any URL elsewhere) is refused in one line naming the value and what is supported — through the CLI
 (exit 2, one `error:` line) and the Python API — and is never folded into a local folder
 (`s3://b/run` → `./s3:/b/run`)."""
 
@@ -44,33 +44,33 @@ def test_local_path_refuses_a_url_naming_value_and_what_is_supported(url):
     assert f"run.dir={url!r}" in message and "local path" in message
 
 
-def test_train_cli_refuses_a_gs_run_dir_in_one_line(tmp_path):
-    """The reported bug, as a user meets it (then with s3://, now supported): the real
-    `nvium train` process."""
+def test_train_cli_refuses_an_unsupported_run_dir_url_in_one_line(tmp_path):
+    """The reported bug, as a user meets it (then with s3://, now supported, as gs:// is):
+    the real `nvium train` process."""
     proc = subprocess.run(
         [sys.executable, "-m", "nvium_jax.cli", "train", "--config", TINY,
-         "run.dir=gs://my-bucket/run"],
+         "run.dir=az://my-bucket/run"],
         env=cli_env(8), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: run.dir='gs://my-bucket/run'"), proc.stderr
-    assert "give a local path or an s3:// URL" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: run.dir='az://my-bucket/run'"), proc.stderr
+    assert "give a local path or a URL of s3://, gs://" in lines[0]
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("argv, named", [
-    (["train", "--config", TINY, "data.path=gs://my-bucket/data"], "data.path='gs://my-bucket/data'"),
+    (["train", "--config", TINY, "data.path=az://my-bucket/data"], "data.path='az://my-bucket/data'"),
     (["train", "--config", TINY, "train.beta_match=s3://b/baseline"], "train.beta_match='s3://b/baseline'"),
     (["train", "--config", TINY, "data.tokenizer=s3://b/tokenizer.json"], "data.tokenizer="),
-    (["train", "--config", TINY, "--print-config", "run.dir=gs://b/run"], "run.dir='gs://b/run'"),
-    (["prepare", "--input", "corpus.txt", "--out", "gs://my-bucket/data"], "--out='gs://my-bucket/data'"),
+    (["train", "--config", TINY, "--print-config", "run.dir=az://b/run"], "run.dir='az://b/run'"),
+    (["prepare", "--input", "corpus.txt", "--out", "az://my-bucket/data"], "--out='az://my-bucket/data'"),
     (["prepare", "--input", "corpus.txt", "--out", "data", "--tokenizer", "gs://b/tok.json"],
      "tokenizer='gs://b/tok.json'"),
-    (["eval", "--run", "gs://my-bucket/run"], "--run='gs://my-bucket/run'"),
-    (["eval", "--run", "gs://my-bucket/run", "--tasks", "lambada"], "--run='gs://my-bucket/run'"),
-    (["eval", "--run", "runs/local", "--data", "gs://my-bucket/data"], "--data='gs://my-bucket/data'"),
-    (["generate", "--run", "gs://my-bucket/run", "--prompt", "the king"], "gs://my-bucket/run"),
+    (["eval", "--run", "az://my-bucket/run"], "--run='az://my-bucket/run'"),
+    (["eval", "--run", "az://my-bucket/run", "--tasks", "lambada"], "--run='az://my-bucket/run'"),
+    (["eval", "--run", "runs/local", "--data", "az://my-bucket/data"], "--data='az://my-bucket/data'"),
+    (["generate", "--run", "az://my-bucket/run", "--prompt", "the king"], "az://my-bucket/run"),
     (["convert", "hf-import", "hf_model", "--out", "s3://my-bucket/run"], "--out='s3://my-bucket/run'"),
     (["convert", "hf-import", "gs://hub/llama", "--out", "run"], "SRC_DIR='gs://hub/llama'"),
     (["convert", "hf-export", "runs/local", "--out", "gs://my-bucket/hf"], "--out='gs://my-bucket/hf'"),
@@ -98,20 +98,20 @@ def test_python_api_refuses_urls(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the king said unto them.\n")
-    with pytest.raises(ConfigError, match=r"run\.dir='gs://b/run'"):
-        load_config(TINY, ["run.dir=gs://b/run"])
+    with pytest.raises(ConfigError, match=r"run\.dir='az://b/run'"):
+        load_config(TINY, ["run.dir=az://b/run"])
     config = load_config(TINY, [f"run.dir={tmp_path / 'run'}"])
     # a Config built in Python skips load_config: the trainer's own entry still refuses
-    bad = dataclasses.replace(config, run=dataclasses.replace(config.run, dir="gs://b/run"))
-    with pytest.raises(ConfigError, match=r"run\.dir='gs://b/run'"):
+    bad = dataclasses.replace(config, run=dataclasses.replace(config.run, dir="az://b/run"))
+    with pytest.raises(ConfigError, match=r"run\.dir='az://b/run'"):
         train(bad)
-    bad = dataclasses.replace(config, data=dataclasses.replace(config.data, path="gs://b/data"))
-    with pytest.raises(ConfigError, match=r"data\.path='gs://b/data'"):
+    bad = dataclasses.replace(config, data=dataclasses.replace(config.data, path="az://b/data"))
+    with pytest.raises(ConfigError, match=r"data\.path='az://b/data'"):
         resolve_data_dir(bad)
     for call, value in [
-        (lambda: load_run("gs://b/run"), "gs://b/run"),
-        (lambda: prepare([str(corpus)], "gs://b/data", tokenizer="bpe:300"), "gs://b/data"),
-        (lambda: read_meta("gs://b/data"), "gs://b/data"),
+        (lambda: load_run("az://b/run"), "az://b/run"),
+        (lambda: prepare([str(corpus)], "az://b/data", tokenizer="bpe:300"), "az://b/data"),
+        (lambda: read_meta("az://b/data"), "az://b/data"),
         (lambda: hf_import(str(tmp_path), "s3://b/run"), "s3://b/run"),
         (lambda: hf_export("gs://b/run", str(tmp_path / "hf")), "gs://b/run"),
     ]:
@@ -126,5 +126,5 @@ def test_lm_eval_model_arg_run_refuses_a_url():
     pytest.importorskip("lm_eval")
     from nvium_jax.eval.harness import NviumLM
 
-    with pytest.raises(ConfigError, match=r"'gs://my-bucket/run' is a URL \(gs://\)"):
-        NviumLM(run="gs://my-bucket/run")
+    with pytest.raises(ConfigError, match=r"'az://my-bucket/run' is a URL \(az://\)"):
+        NviumLM(run="az://my-bucket/run")

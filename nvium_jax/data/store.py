@@ -14,7 +14,8 @@ import numpy as np
 import tensorstore as ts
 
 from nvium_jax.config import ConfigError
-from nvium_jax.paths import data_location, kvstore_spec, store_error, store_errors, url_scheme, write_text
+from nvium_jax.paths import (data_location, kvstore_spec, store_check, store_error, store_errors,
+                             url_scheme, write_text)
 
 FORMAT = "nvium-tokens/1"
 SPLITS = ("train", "val")
@@ -111,8 +112,7 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     except store_errors() as err:
         raise store_error(data_dir, err, "reading data dir") from None
     if not found:
-        reach = " (or its bucket cannot be reached: check the bucket name, the credentials and " \
-                "AWS_ENDPOINT_URL)" if url_scheme(data_dir) else ""
+        reach = f" (or its bucket cannot be reached: {store_check(data_dir)})" if url_scheme(data_dir) else ""
         raise DataError(f"data dir {str(data_dir)!r} does not exist{reach}; {redo}")
     path = data_dir / "meta.json"
     if not path.is_file():

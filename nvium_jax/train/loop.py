@@ -174,7 +174,7 @@ def _plain(value):
 
 def train(config: Config, command: Optional[list[str]] = None) -> dict:
     """Runs (or resumes) training to `train.steps`; returns the last logged records. A run
-    dir in a bucket (`s3://…`) trains in a local mirror that is pulled first and pushed as
+    dir in a bucket (`s3://…`, `gs://…`) trains in a local mirror that is pulled first and pushed as
     it goes (`nvium_jax.run_store`), under a lock object in the bucket."""
     store = open_run(config.run.dir, "run.dir")
     if store is None:
