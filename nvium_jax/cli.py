@@ -285,8 +285,11 @@ def _eval_tasks(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    local_path(args.src, "SRC_DIR" if args.direction == "hf-import" else "RUN_DIR")
-    local_path(args.out, "--out")
+    if args.direction == "hf-import":
+        local_path(args.src, "SRC_DIR")
+    else:
+        run_location(args.src, "RUN_DIR")
+    run_location(args.out, "--out")
     from nvium_jax.interop.hf import hf_export, hf_import
 
     if args.direction == "hf-import":
@@ -478,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("direction", choices=["hf-import", "hf-export"])
     conv.add_argument("src", metavar="SRC_DIR|RUN_DIR")
-    conv.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
+    conv.add_argument("--out", required=True, metavar="DIR",
+                      help="a new (or empty) directory, or an s3:// or gs:// prefix")
     conv.add_argument("--exits", default=None, metavar="d1,d2,..",
                       help="hf-import: layers after which exits sit (default L/4, L/2, 3L/4)")
     conv.add_argument("--context", type=int, default=None,

@@ -195,12 +195,19 @@ _SECTION_TYPES = {
 
 
 def load_config(path: str | pathlib.Path, overrides: typing.Iterable[str] = ()) -> Config:
-    """Reads a YAML config, applies `section.key=value` overrides, validates everything."""
-    path = pathlib.Path(path)
-    if not path.is_file():
+    """Reads a YAML config (a local file, or a run's `config.yaml` in a bucket: `s3://…`,
+    `gs://…`), applies `section.key=value` overrides, validates everything."""
+    from nvium_jax.paths import RUN_SCHEMES, location, store_error, store_errors
+
+    path = location(path, "--config", RUN_SCHEMES)
+    try:
+        text = path.read_text() if path.is_file() else None
+    except store_errors() as err:
+        raise store_error(path, err, "reading") from None
+    if text is None:
         raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -410,12 +417,12 @@ def validate(config: Config) -> None:
 
     if d.path is not None:
         data_location(d.path, "data.path")
+    if not (d.tokenizer or "bpe:").startswith("bpe:"):
+        data_location(d.tokenizer, "data.tokenizer")  # e.g. a run's own, in its bucket
     if config.run.dir is not None:
         run_location(config.run.dir, "run.dir")
-    for key, value in (("train.beta_match", t.beta_match),
-                       ("data.tokenizer", None if (d.tokenizer or "bpe:").startswith("bpe:") else d.tokenizer)):
-        if value is not None:
-            local_path(value, key)
+    if t.beta_match is not None:
+        local_path(t.beta_match, "train.beta_match")
     mesh = config.mesh
     sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
     for key, value in sizes.items():

@@ -165,13 +165,18 @@ class RunStore:
                 self.in_bucket[step] = manifest
         return self.mirror
 
+    def pull_run_files(self) -> pathlib.Path:
+        """The run files (config.yaml, tokenizer.json, …) in the mirror, which must be a run's."""
+        self._pull_run_files(RUN_FILES)
+        if not (self.mirror / "config.yaml").is_file():
+            raise ConfigError(f"{self.url} is not a run directory: it has no config.yaml")
+        return self.mirror
+
     def pull_for_load(self, step: Optional[int], items: tuple[str, ...]) -> pathlib.Path:
         """The run files and one checkpoint (`step`, else the newest whose `items` pass their
         checksums; a damaged one is named and skipped) in the read mirror, which keeps what
         it already holds and verifies."""
-        self._pull_run_files(RUN_FILES)
-        if not (self.mirror / "config.yaml").is_file():
-            raise ConfigError(f"{self.url} is not a run directory: it has no config.yaml")
+        self.pull_run_files()
         steps = self._bucket_steps()
         local = self.mirror / "checkpoints"
         for stale in (p for p in local.iterdir() if p.name.isdigit() and int(p.name) not in steps) \

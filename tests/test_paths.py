@@ -62,19 +62,20 @@ def test_train_cli_refuses_an_unsupported_run_dir_url_in_one_line(tmp_path):
 @pytest.mark.parametrize("argv, named", [
     (["train", "--config", TINY, "data.path=az://my-bucket/data"], "data.path='az://my-bucket/data'"),
     (["train", "--config", TINY, "train.beta_match=s3://b/baseline"], "train.beta_match='s3://b/baseline'"),
-    (["train", "--config", TINY, "data.tokenizer=s3://b/tokenizer.json"], "data.tokenizer="),
+    (["train", "--config", TINY, "data.tokenizer=az://b/tokenizer.json"], "data.tokenizer="),
+    (["train", "--config", "az://b/run/config.yaml"], "--config='az://b/run/config.yaml'"),
     (["train", "--config", TINY, "--print-config", "run.dir=az://b/run"], "run.dir='az://b/run'"),
     (["prepare", "--input", "corpus.txt", "--out", "az://my-bucket/data"], "--out='az://my-bucket/data'"),
-    (["prepare", "--input", "corpus.txt", "--out", "data", "--tokenizer", "gs://b/tok.json"],
-     "tokenizer='gs://b/tok.json'"),
+    (["prepare", "--input", "corpus.txt", "--out", "data", "--tokenizer", "az://b/tok.json"],
+     "tokenizer='az://b/tok.json'"),
     (["eval", "--run", "az://my-bucket/run"], "--run='az://my-bucket/run'"),
     (["eval", "--run", "az://my-bucket/run", "--tasks", "lambada"], "--run='az://my-bucket/run'"),
     (["eval", "--run", "runs/local", "--data", "az://my-bucket/data"], "--data='az://my-bucket/data'"),
     (["generate", "--run", "az://my-bucket/run", "--prompt", "the king"], "az://my-bucket/run"),
-    (["convert", "hf-import", "hf_model", "--out", "s3://my-bucket/run"], "--out='s3://my-bucket/run'"),
+    (["convert", "hf-import", "hf_model", "--out", "az://my-bucket/run"], "--out='az://my-bucket/run'"),
     (["convert", "hf-import", "gs://hub/llama", "--out", "run"], "SRC_DIR='gs://hub/llama'"),
-    (["convert", "hf-export", "runs/local", "--out", "gs://my-bucket/hf"], "--out='gs://my-bucket/hf'"),
-    (["convert", "hf-export", "s3://my-bucket/run", "--out", "hf"], "RUN_DIR='s3://my-bucket/run'"),
+    (["convert", "hf-export", "runs/local", "--out", "az://my-bucket/hf"], "--out='az://my-bucket/hf'"),
+    (["convert", "hf-export", "az://my-bucket/run", "--out", "hf"], "RUN_DIR='az://my-bucket/run'"),
 ])
 def test_cli_refuses_urls_in_one_error_line(argv, named, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -112,8 +113,8 @@ def test_python_api_refuses_urls(tmp_path, monkeypatch):
         (lambda: load_run("az://b/run"), "az://b/run"),
         (lambda: prepare([str(corpus)], "az://b/data", tokenizer="bpe:300"), "az://b/data"),
         (lambda: read_meta("az://b/data"), "az://b/data"),
-        (lambda: hf_import(str(tmp_path), "s3://b/run"), "s3://b/run"),
-        (lambda: hf_export("gs://b/run", str(tmp_path / "hf")), "gs://b/run"),
+        (lambda: hf_import(str(tmp_path), "az://b/run"), "az://b/run"),
+        (lambda: hf_export("az://b/run", str(tmp_path / "hf")), "az://b/run"),
     ]:
         with pytest.raises(ConfigError, match=f"{value!r}") as err:
             call()

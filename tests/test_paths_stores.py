@@ -563,3 +563,62 @@ def test_a_background_push_uploads_a_snapshot_while_training_goes_on(tmp_path):
                                           r"\(Access Denied\)"):
         store.wait()
     assert "b/run/checkpoints/6/nvium-manifest.json" not in fake.objects  # never trusted
+
+
+@pytest.mark.slow
+def test_convert_into_and_out_of_a_bucket_equals_local(bucket, tmp_path, capsys):
+    """`nvium convert hf-import --out URL` puts what a local import writes (the parameters
+    bit for bit; run.dir and data.tokenizer name the bucket), a second import into it is
+    refused; `hf-export URL --out URL` puts the files a local export writes; the imported run fine-tunes from its bucket: `--config URL/config.yaml`, data
+    prepared with its tokenizer in the bucket, checkpoints pushed beside checkpoint 0."""
+    import jax
+    from flax import nnx
+
+    from nvium_jax.config import load_config
+    from nvium_jax.data.tokenizer import train_bpe
+    from nvium_jax.interop.hf import hf_export, hf_import
+    from nvium_jax.runs import load_run
+    from nvium_jax.train.loop import train
+    from tests.test_interop_hf import HF_CONFIG, llama_tensors, write_llama
+
+    corpus = write_word_corpus(tmp_path / "corpus.txt", documents=200)
+    src = write_llama(tmp_path / "llama", llama_tensors(HF_CONFIG, seed=2), shards=1)
+    train_bpe([corpus.read_text()], HF_CONFIG["vocab_size"]).save(str(src / "tokenizer.json"))
+    url, hf_url = bucket.url("convert/run"), bucket.url("convert/hf")
+    with _environ(NVIUM_CACHE=str(tmp_path / "cache")):
+        hf_import(src, tmp_path / "local", exits=(2,))
+        assert cli.main(["convert", "hf-import", str(src), "--out", url, "--exits", "2", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["run_dir"] == url
+        keys = bucket.keys("convert/run/")
+        for name in ("config.yaml", "tokenizer.json", "provenance.json", "checkpoints/0/nvium-manifest.json"):
+            assert f"convert/run/{name}" in keys, name
+        assert not (tmp_path / "cache" / "runs" / "train").exists() or \
+            not any((tmp_path / "cache" / "runs" / "train").rglob("*.json"))  # the scratch copy is gone
+        remote, local = load_run(url), load_run(tmp_path / "local")
+        assert remote.step == local.step == 0
+        for a, b in zip(jax.tree.leaves(nnx.state(remote.model)), jax.tree.leaves(nnx.state(local.model))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        config = load_config(f"{url}/config.yaml")  # --config from the bucket
+        assert config.run.dir == url and config.data.tokenizer == f"{url}/tokenizer.json"
+        assert cli.main(["convert", "hf-import", str(src), "--out", url]) == 2  # not empty: refused
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --out {url} exists and is not empty") and "\n" not in err
+        assert bucket.keys("convert/run/") == keys  # nothing written
+
+        hf_export(tmp_path / "local", tmp_path / "hf")
+        assert cli.main(["convert", "hf-export", url, "--out", hf_url]) == 0
+        capsys.readouterr()
+        names = sorted(p.name for p in (tmp_path / "hf").iterdir())
+        assert bucket.keys("convert/hf/") == [f"convert/hf/{n}" for n in names]
+        for name in names:
+            assert bucket.get(f"convert/hf/{name}") == (tmp_path / "hf" / name).read_bytes(), name
+
+        prepare([str(corpus)], tmp_path / "data", tokenizer=f"{url}/tokenizer.json", val_fraction=0.1)
+        tuned = load_config(f"{url}/config.yaml", [
+            f"data.path={tmp_path / 'data'}", "run.wandb=disabled", "train.steps=2", "train.batch_size=8",
+            "train.eval_every=2", "train.eval_batches=1", "train.checkpoint_every=2",
+            "train.warmup_steps=1", "train.log_every=1"])
+        summary = train(tuned)
+        assert summary["start_step"] == 0 and summary["step"] == 2
+        steps = {k.split("/")[3] for k in bucket.keys("convert/run/checkpoints/")}
+        assert steps == {"0", "2"} and load_run(url).step == 2

@@ -17,7 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from nvium_jax.data.store import DataError
-from nvium_jax.paths import data_location, local_path
+from nvium_jax.paths import data_location
 
 EOS_TOKEN = "<|endoftext|>"  # the special token of the BPE we train
 _EOS_NAMES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
@@ -92,7 +92,7 @@ def parse_spec(spec: str) -> tuple[str, int | pathlib.Path]:
                 f"{_MIN_BPE_VOCAB} (256 bytes + EOS), e.g. bpe:8192"
             )
         return "bpe", int(size)
-    return "file", local_path(spec, "tokenizer")
+    return "file", data_location(spec, "tokenizer")
 
 
 def train_bpe(texts: Iterable[str], size: int) -> Tokenizer:

@@ -1,6 +1,10 @@
 """Hugging Face Llama interop: `nvium convert hf-import` upcycles a Llama checkpoint into an
 N-vium run (the backbone is the Llama's; the exits are new and start inert), and
 `nvium convert hf-export` writes a run's backbone and final exit as a Llama folder.
+Either side may be a bucket (`s3://…`, `gs://…`): an import is built in the run's local
+mirror and pushed (checkpoint objects, its manifest, then the run files, as training
+pushes), an export reads through `load_run` and puts the folder's files with `config.json`
+last, so a folder that a failed export left half-written has none and is not a model.
 
 Read and written with safetensors' numpy API: no torch, no pickle. Layouts: HF stores a
 linear layer as [out, in]; ours are [in, out] with heads split out — q_proj [H·E, D] is
@@ -10,16 +14,20 @@ so no permutation of q/k is needed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
 import shutil
-from typing import Optional
+import tempfile
+from typing import Any, Optional
 
 import numpy as np
 
 from nvium_jax.config import Config, ConfigError, ModelConfig, validate
-from nvium_jax.paths import local_path
+from nvium_jax.paths import (
+    check_bucket, is_url, local_path, run_location, store_error, store_errors, upload_tree, write_text,
+)
 
 # the exit-minus-continue logit of an imported router: q ≈ 1e-7, so the mixture equals the
 # Llama to float precision, yet the gradient on the bias (≈ q) stays above Adam's epsilon
@@ -182,8 +190,15 @@ def backbone_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 
 # ---- the commands ---------------------------------------------------------------------
-def _check_out(out: pathlib.Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+def _check_out(out: Any) -> None:
+    """`out` (a local path, or an `epath` URL checked for its bucket) new or empty."""
+    if is_url(out):
+        check_bucket(str(out), "--out")
+    try:
+        taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    except store_errors() as err:
+        raise store_error(out, err, "listing") from None
+    if taken:
         raise ConvertError(f"--out {out} exists and is not empty; give a new directory (nothing was written)")
 
 
@@ -195,12 +210,17 @@ def hf_import(src, out, exits: Optional[tuple[int, ...]] = None, context: Option
     from flax import nnx
 
     from nvium_jax.model import build_model
+    from nvium_jax.run_store import RunStore
     from nvium_jax.runs import save_initial_params, write_run_files
 
-    src, out = local_path(src, "SRC_DIR"), local_path(out, "--out")
+    src, target = local_path(src, "SRC_DIR"), run_location(out, "--out")
     if not (src / "config.json").is_file():
         raise ConvertError(f"{src} has no config.json: give a Hugging Face model folder")
-    _check_out(out)
+    _check_out(target)
+    store = RunStore(str(out)) if is_url(out) else None  # built in its mirror, then pushed
+    out = target if store is None else store.mirror
+    if store is not None and out.exists():
+        shutil.rmtree(out)  # a scratch copy left by an import or a run that stopped
     hf = json.loads((src / "config.json").read_text())
     cfg = model_config_from_hf(hf, exits, context)
     early = cfg.early_exits
@@ -219,19 +239,31 @@ def hf_import(src, out, exits: Optional[tuple[int, ...]] = None, context: Option
     for k in range(len(early)):  # an exit reads h as the final exit does: start from its norm
         params["exits"][k]["norm"]["scale"] = backbone["final_norm"]["scale"].copy()
     params = jax.tree.map(np.asarray, params)
-    config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(out)))
+    run_dir = str(out) if store is None else store.url
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=run_dir))
     tokenizer = src / "tokenizer.json"
     if tokenizer.is_file():
-        config = dataclasses.replace(config, data=dataclasses.replace(
-            config.data, tokenizer=str((out / "tokenizer.json").absolute())))
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=(
+            str((out / "tokenizer.json").absolute()) if store is None else f"{store.url}/tokenizer.json")))
     out.mkdir(parents=True, exist_ok=True)
     write_run_files(out, config, tokenizer if tokenizer.is_file() else None,
                     command or ["nvium", "convert", "hf-import", str(src)])
     save_initial_params(out, params, config, source={
         "hf_import": str(src.absolute()), "dtypes": source_dtypes, "tied_embeddings": tied})
-    return {"run_dir": str(out), "n_layers": cfg.n_layers, "exits": list(early),
+    if store is not None:
+        store.push_all()  # checkpoint 0's objects, its manifest, then config.yaml and the rest
+        shutil.rmtree(out)
+    return {"run_dir": run_dir, "n_layers": cfg.n_layers, "exits": list(early),
             "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
             "source_dtypes": source_dtypes, "tied_embeddings": tied}
+
+
+def _staging():
+    """A scratch folder in the cache (an export into a bucket is written there, then put)."""
+    from nvium_jax.run_store import mirror_root
+
+    mirror_root().mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=mirror_root(), prefix="export-")
 
 
 def _tensor_names(src: pathlib.Path) -> set[str]:
@@ -255,15 +287,18 @@ def hf_export(run_dir, out, dtype: str = "float32", step: Optional[int] = None) 
 
     from nvium_jax.runs import load_run, read_run_config
 
+    from nvium_jax.run_store import open_run
+
     if dtype not in ("float32", "bfloat16"):
         raise ConvertError(f"--dtype {dtype}: give float32 or bfloat16")
-    run_dir = local_path(run_dir, "RUN_DIR")
-    if read_run_config(run_dir).model.final_adapter:
+    store = open_run(run_dir, "RUN_DIR", kind="read")
+    files = store.pull_run_files() if store is not None else local_path(run_dir, "RUN_DIR")
+    if read_run_config(files).model.final_adapter:
         raise ConvertError(f"{run_dir} was trained with model.final_adapter=true: a Llama has no "
                            f"adapter on its final exit, so it cannot be exported; export a run with "
                            f"model.final_adapter=false")
-    out = local_path(out, "--out")
-    _check_out(out)
+    target = run_location(out, "--out")
+    _check_out(target)
     run = load_run(run_dir, step)
     cfg = run.model.config
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(run.model)))
@@ -272,14 +307,18 @@ def hf_export(run_dir, out, dtype: str = "float32", step: Optional[int] = None) 
         import ml_dtypes
 
         tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(cfg, run.bos_id, run.eos_id, dtype), indent=2))
     generation = {"bos_token_id": run.bos_id, "eos_token_id": run.eos_id, "do_sample": True,
                   "temperature": 1.0, "max_length": cfg.context}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    tokenizer = pathlib.Path(run_dir) / "tokenizer.json"
-    if tokenizer.is_file():
-        shutil.copyfile(tokenizer, out / "tokenizer.json")
+    config_json = json.dumps(hf_config(cfg, run.bos_id, run.eos_id, dtype), indent=2)
+    with _staging() if is_url(target) else contextlib.nullcontext() as staging:
+        folder = pathlib.Path(staging) if is_url(target) else target  # a bucket: staged, then put
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        if (files / "tokenizer.json").is_file():
+            shutil.copyfile(files / "tokenizer.json", folder / "tokenizer.json")
+        if is_url(target):
+            upload_tree(folder, target)
+        write_text(target / "config.json", config_json)  # last: it makes the folder a model
     return {"out": str(out), "step": run.step, "dtype": dtype,
             "dropped_exits": list(cfg.early_exits), "tensors": len(tensors)}
