@@ -184,9 +184,17 @@ def train(config: Config, command: Optional[list[str]] = None) -> dict:
     with store.lock():
         store.pull_for_training()
         try:
-            return _train(config, command, store.mirror, store)
-        finally:
-            store.push_all()  # whatever was sealed, even when training stopped on an error
+            summary = _train(config, command, store.mirror, store)
+        except BaseException:  # whatever was sealed is pushed; the error that stopped training
+            # is the one raised, a failed push only named beside it
+            try:
+                store.push_all()
+            except Exception as err:
+                print(f"warning: pushing to {store.url} after the error below failed too: {err}",
+                      file=sys.stderr)
+            raise
+        store.push_all()
+        return summary
 
 
 def _train(config, command, run_dir, store) -> dict:
