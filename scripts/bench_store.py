@@ -6,7 +6,7 @@ local mirror's save plus the push of its objects, manifest last); the seconds to
 locally, and from the bucket (the pull into an empty mirror plus the restore); and the
 training loader's tokens/s from the local data dir and from a copy in the bucket (tensorstore's
 s3 kvstore), against the tiny step's own tokens/s. The server is moto on 127.0.0.1, started
-here: the figures measure our overhead and moto's, not a network's.
+here (`scripts.store_servers`): the figures measure our overhead and moto's, not a network's.
 
     python -m scripts.bench_store [--configs tiny,125m] [--runs 3] [--json]
 """
@@ -14,14 +14,11 @@ here: the figures measure our overhead and moto's, not a network's.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,37 +34,10 @@ from nvium_jax.runs import checkpoint_manager, restore_checkpoint, save_checkpoi
 from nvium_jax.train.mesh import make_mesh
 from nvium_jax.train.step import abstract_state, make_trainer
 from scripts.bench_data import loader_tokens_per_s, model_tokens_per_s
+from scripts.store_servers import serve
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 BUCKET = "nvium-bench"
-
-
-@contextlib.contextmanager
-def s3_server():
-    """moto's S3 server on 127.0.0.1 with one bucket; the AWS environment pointing at it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
-    try:
-        import boto3
-
-        client, deadline = boto3.client("s3"), time.time() + 30
-        while True:
-            try:
-                client.create_bucket(Bucket=BUCKET)
-                break
-            except Exception:  # not listening yet
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.2)
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _timed(fn):
@@ -141,7 +111,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     record = {"machine": f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__} "
                          f"on {jax.devices()[0].device_kind}", "server": "moto on 127.0.0.1"}
-    with s3_server(), tempfile.TemporaryDirectory() as tmp:
+    with serve("s3", BUCKET) as env, tempfile.TemporaryDirectory() as tmp:
+        os.environ.update(env)
         root = pathlib.Path(tmp)
         for name in args.configs.split(","):
             config = load_config(CONFIGS / f"nvium-{name}.yaml", ["model.dtype=float32"])

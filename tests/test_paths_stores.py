@@ -12,7 +12,6 @@ import io
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,11 @@ import pytest
 from nvium_jax import cli
 from nvium_jax.config import ConfigError
 from nvium_jax.data import TrainBatches, eval_windows, prepare, read_meta
+from scripts.store_servers import CLIENTS, SERVERS, free_port, serve
 from tests.conftest import write_word_corpus
 
 BUCKET = "nvium-test"
-# per store: what its client needs, the server's module, and the word its errors name
-STORES = {"s3": (("s3fs", "moto.server"), "AWS_ENDPOINT_URL"),
-          "gs": (("gcsfs", "gcp_storage_emulator"), "STORAGE_EMULATOR_HOST")}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+CHECK = {"s3": "AWS_ENDPOINT_URL", "gs": "STORAGE_EMULATOR_HOST"}  # the word each store's errors name
 
 
 def _forget_clients() -> None:
@@ -71,7 +63,7 @@ class Bucket:
         from nvium_jax.paths import object_store
 
         self.scheme, self.fs = scheme, object_store(scheme)
-        self.check = STORES[scheme][1]
+        self.check = CHECK[scheme]
 
     def url(self, key: str = "") -> str:
         return f"{self.scheme}://{BUCKET}/{key}"
@@ -99,50 +91,20 @@ class Bucket:
         return info.get("ETag") or info.get("generation") or info.get("etag")
 
 
-def _serve(scheme: str, port: int, log) -> subprocess.Popen:
-    argv = (["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)] if scheme == "s3" else
-            ["-m", "tests.gcs_emulator", "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"])
-    return subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=pathlib.Path(__file__).resolve().parent.parent)
-
-
-@pytest.fixture(scope="module", params=sorted(STORES))
+@pytest.fixture(scope="module", params=sorted(SERVERS))
 def bucket(request, tmp_path_factory):
-    """A store's server on 127.0.0.1 (never another address), its standard environment
-    pointing at it, and one bucket; stopped at the end of the module."""
+    """A store's server on 127.0.0.1 (`scripts.store_servers.serve`), its standard
+    environment pointing at it, and one bucket; stopped at the end of the module."""
     scheme = request.param
-    for module in STORES[scheme][0]:
+    for module in (CLIENTS[scheme], SERVERS[scheme]):
         pytest.importorskip(module, reason=f"the {scheme}:// tests need {module} (pip install 'nvium_jax[test]')")
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp(f"{scheme}_server") / "server.log", "w")
-    proc = _serve(scheme, port, log)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = (dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1",
-                AWS_ENDPOINT_URL=endpoint) if scheme == "s3" else
-           dict(STORAGE_EMULATOR_HOST=endpoint, TENSORSTORE_GCS_HTTP_URL=endpoint))
-    try:
-        with _environ(**env):
-            client, deadline = Bucket(scheme), time.time() + 30
-            while True:
-                try:
-                    client.fs.mkdir(BUCKET)
-                    break
-                except Exception:  # not listening yet
-                    if time.time() > deadline or proc.poll() is not None:
-                        raise RuntimeError(f"the {scheme} server did not start on {endpoint}")
-                    time.sleep(0.2)
-            yield client
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with open(tmp_path_factory.mktemp(f"{scheme}_server") / "server.log", "w") as log, \
+            serve(scheme, BUCKET, log=log) as env, _environ(**env):
+        yield Bucket(scheme)
 
 
 def test_objects_round_trip_byte_for_byte(bucket, tmp_path):
-    """The store (and, for GCS, the emulator as tests/gcs_emulator.py mends it) returns every
+    """The store (and, for GCS, the emulator as scripts/gcs_emulator.py mends it) returns every
     byte it was given — line ends at the end of an object included — by put and by file."""
     for i, tail in enumerate([b"\r", b"\n", b"\r\n", b"\x00", b"--"]):
         data = bytes(range(256)) + tail
@@ -229,7 +191,7 @@ def test_unreachable_endpoint_is_one_line_naming_the_url(bucket):
     if bucket.scheme != "s3":
         pytest.skip("gcsfs retries an unreachable endpoint with back-off for minutes")
     # nothing listens; one attempt (botocore's standard environment), not its retries' 5–10 s
-    with _environ(AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}", AWS_MAX_ATTEMPTS="1"):
+    with _environ(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_MAX_ATTEMPTS="1"):
         start = time.time()
         with pytest.raises(ConfigError, match=r"reading data dir 's3://nvium-test/words' failed "
                                               r"\(Could not connect.*AWS_ENDPOINT_URL") as err:
@@ -408,7 +370,7 @@ def test_a_damaged_object_is_skipped_set_aside_and_the_run_resumes_exact(bucket_
 
 def test_a_second_trainer_is_refused_by_the_bucket_lock(local_and_bucket, bucket, tmp_path):
     """train.lock held by a process on another host: `nvium train` refuses in one line and
-    writes nothing to the bucket; a missing bucket is one line too. (tests/gcs_emulator.py
+    writes nothing to the bucket; a missing bucket is one line too. (scripts/gcs_emulator.py
     gives the GCS emulator the precondition that real GCS has.)"""
     from tests.conftest import small_config
     from nvium_jax.train.loop import train

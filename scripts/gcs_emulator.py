@@ -1,4 +1,4 @@
-"""gcp-storage-emulator as tests/test_paths_stores.py starts it, with four behaviours of the
+"""gcp-storage-emulator as scripts/store_servers.py starts it, with four behaviours of the
 real Cloud Storage JSON API that the emulator (2026.7) lacks and the project relies on:
 
 - a suffix byte range (`Range: bytes=-N`, RFC 9110 §14.1.2) returns the last N bytes — the
@@ -10,7 +10,7 @@ real Cloud Storage JSON API that the emulator (2026.7) lacks and the project rel
   which drops a trailing `\r` before gcsfs's bare-LF delimiter (a checkpoint file that ended
   in one came back a byte short).
 
-    python -m tests.gcs_emulator start --host=127.0.0.1 --port=PORT --in-memory
+    python -m scripts.gcs_emulator start --host=127.0.0.1 --port=PORT --in-memory
 """
 
 import json
