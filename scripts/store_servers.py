@@ -2,12 +2,19 @@
 moto's S3 server, `serve("gs", bucket)` gcp-storage-emulator as `scripts/gcs_emulator.py`
 mends it, each in a process of its own on 127.0.0.1 (never another address) with one
 bucket, and yields the standard environment that points a client at it.
+
+`read_only=True` serves a bucket that the server itself refuses writes into, with HTTP 403
+as the real store would: for s3, moto checks IAM after the setup's requests
+(INITIAL_NO_AUTH_ACTION_COUNT) and the environment carries the keys of a user that may read
+and list the bucket but not write to it; for gs, the emulator refuses writes into a bucket
+whose name ends in `-readonly`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
 import socket
 import subprocess
@@ -19,6 +26,10 @@ from typing import Iterator
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SERVERS = {"s3": "moto.server", "gs": "gcp_storage_emulator"}  # the module each store's server needs
 CLIENTS = {"s3": "s3fs", "gs": "gcsfs"}  # the fsspec client the project reads each store with
+READ_ONLY_SUFFIX = "-readonly"  # the emulator refuses writes into a gs bucket named so
+_READER = "nvium-reader"
+# the requests moto serves before it checks IAM: the bucket, then the reader, its policy, its keys
+_SETUP_ACTIONS = 4
 _TEST_KEYS = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1")
 
 
@@ -62,6 +73,19 @@ def _aws_client(service: str, env: dict[str, str]):
                         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
 
 
+def _reader_env(env: dict[str, str], bucket: str) -> dict[str, str]:
+    """`env` with the keys of a new IAM user that may get and list `bucket`'s objects only
+    (moto names HeadBucket an action of its own; AWS folds it into ListBucket)."""
+    iam = _aws_client("iam", env)
+    policy = {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket", "s3:HeadBucket"],
+        "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}
+    iam.create_user(UserName=_READER)
+    iam.put_user_policy(UserName=_READER, PolicyName="read-only", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=_READER)["AccessKey"]
+    return dict(env, AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"])
+
+
 def _stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -72,16 +96,20 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def serve(scheme: str, bucket: str, log=subprocess.DEVNULL) -> Iterator[dict[str, str]]:
+def serve(scheme: str, bucket: str, read_only: bool = False, log=subprocess.DEVNULL) -> Iterator[dict[str, str]]:
     """A store's server on 127.0.0.1 with `bucket` (its output to `log`), stopped on exit;
-    yields the environment that points a client at it."""
+    yields the environment that points a client at it (see the module's docstring)."""
+    if read_only and scheme == "gs" and not bucket.endswith(READ_ONLY_SUFFIX):
+        raise ValueError(f"a read-only gs bucket is one named *{READ_ONLY_SUFFIX}, not {bucket!r}")
     port = free_port()
     env = endpoint_env(scheme, f"http://127.0.0.1:{port}")
+    server_env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT=str(_SETUP_ACTIONS)) \
+        if read_only and scheme == "s3" else None
     proc = subprocess.Popen([sys.executable, *_argv(scheme, port)], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=ROOT)
+                            cwd=ROOT, env=server_env)
     try:
         deadline = time.time() + 30
-        while True:
+        while True:  # the bucket's creation is the first request (moto counts it)
             try:
                 _create_bucket(scheme, env, bucket)
                 break
@@ -89,6 +117,6 @@ def serve(scheme: str, bucket: str, log=subprocess.DEVNULL) -> Iterator[dict[str
                 if time.time() > deadline or proc.poll() is not None:
                     raise RuntimeError(f"the {scheme} server did not start on 127.0.0.1:{port}")
                 time.sleep(0.2)
-        yield env
+        yield _reader_env(env, bucket) if read_only and scheme == "s3" else env
     finally:
         _stop(proc)
