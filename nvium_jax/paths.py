@@ -33,6 +33,14 @@ _CHECK_STORE = {
     "gs": ("check the bucket name, the credentials (application default credentials, "
            "GOOGLE_APPLICATION_CREDENTIALS) and, for an emulator, STORAGE_EMULATOR_HOST"),
 }
+# per scheme: what to check when the store refuses a request (HTTP 403) — the identity's permissions
+_CHECK_PERMISSION = {
+    "s3": ("check that the credentials (AWS_ACCESS_KEY_ID) may read, list, write and delete objects "
+           "in bucket {bucket!r} (s3:GetObject, s3:ListBucket, s3:PutObject, s3:DeleteObject)"),
+    "gs": ("check that the credentials (application default credentials, GOOGLE_APPLICATION_CREDENTIALS) "
+           "may read, list, write and delete objects in bucket {bucket!r} (storage.objects.get, "
+           "storage.objects.list, storage.objects.create, storage.objects.delete)"),
+}
 
 
 def url_scheme(value: str | os.PathLike) -> str | None:
@@ -172,10 +180,30 @@ def store_check(path: Any) -> str:
     return _CHECK_STORE.get(url_scheme(path), _CHECK_STORE["s3"])
 
 
+def _refused(err: BaseException) -> bool:
+    """The store refused the request (HTTP 403): s3fs raises PermissionError, gcsfs an
+    OSError whose message starts `Forbidden: `."""
+    return isinstance(err, PermissionError) or str(err).startswith("Forbidden: ")
+
+
+def _detail(err: BaseException) -> str:
+    """The first line of a store error's message; for gcsfs's `Forbidden: <request URL>`, the
+    store's own reason on the next line instead (it names the caller and the permission)."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return lines[1] if lines[0].startswith("Forbidden: ") and len(lines) > 1 else lines[0]
+
+
 def store_error(path: Any, err: BaseException, doing: str) -> ConfigError:
-    """One line for a failed object-store request: the URL, what failed, what to check."""
-    detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return ConfigError(f"{doing} {str(path)!r} failed ({detail}); {store_check(path)}")
+    """One line for a failed object-store request: the URL, what failed, what to check (for a
+    refused request, the permissions the project needs on the bucket)."""
+    if _refused(err):
+        scheme, bucket, _ = split_url(path)
+        check = _CHECK_PERMISSION.get(scheme, _CHECK_PERMISSION["s3"]).format(bucket=bucket)
+    else:
+        check = store_check(path)
+    return ConfigError(f"{doing} {str(path)!r} failed ({_detail(err)}); {check}")
 
 
 def write_text(path: Any, text: str) -> None:

@@ -81,6 +81,16 @@ def model_tokens_per_s(config, batch: int, context: int, steps: int) -> float:
     return batch * context / statistics.median(times)
 
 
+def print_record(record: dict, as_json: bool, digits: int) -> None:
+    """A benchmark's figures: one JSON object, or a `key: value` table (floats to `digits`)."""
+    if as_json:
+        print(json.dumps(record))
+        return
+    width = max(map(len, record))
+    for key, value in record.items():
+        print(f"{key:>{width}}: {value:,.{digits}f}" if isinstance(value, float) else f"{key:>{width}}: {value}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="loader runs per setting (median)")
@@ -115,11 +125,7 @@ def main() -> int:
             for workers in (0, 2):
                 record[f"125m_synthetic_loader_w{workers}_tokens_per_s"] = loader_tokens_per_s(
                     synthetic, 1024, 256, workers, 20, args.runs)
-    if args.json:
-        print(json.dumps(record))
-    else:
-        for key, value in record.items():
-            print(f"{key:>32}: {value:,.1f}" if isinstance(value, float) else f"{key:>32}: {value}")
+    print_record(record, args.json, digits=1)
     return 0
 
 

@@ -3,8 +3,8 @@
 touches a bucket runs on both: `nvium prepare --out URL`, the loader and `nvium eval --data
 URL` read what a local prepare writes; a run trained into a bucket resumes bit-exact after
 SIGTERM and kill -9; `load_run`, `nvium eval` and `nvium generate` read it; a damaged object
-is skipped; the lock refuses a second trainer; a missing bucket or an unreachable endpoint
-ends in one line naming the URL and what to check."""
+is skipped; the lock refuses a second trainer; a missing bucket, an unreachable endpoint or a
+write the server itself refuses (HTTP 403) ends in one line naming the URL and what to check."""
 
 import contextlib
 import importlib.util
@@ -12,7 +12,6 @@ import io
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,12 @@ import pytest
 from nvium_jax import cli
 from nvium_jax.config import ConfigError
 from nvium_jax.data import TrainBatches, eval_windows, prepare, read_meta
+from scripts.store_servers import CLIENTS, READ_ONLY_SUFFIX, SERVERS, free_port, serve
 from tests.conftest import write_word_corpus
 
 BUCKET = "nvium-test"
-# per store: what its client needs, the server's module, and the word its errors name
-STORES = {"s3": (("s3fs", "moto.server"), "AWS_ENDPOINT_URL"),
-          "gs": (("gcsfs", "gcp_storage_emulator"), "STORAGE_EMULATOR_HOST")}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+CHECK = {"s3": "AWS_ENDPOINT_URL", "gs": "STORAGE_EMULATOR_HOST"}  # the word each store's errors name
+CREDENTIALS = {"s3": "AWS_ACCESS_KEY_ID", "gs": "GOOGLE_APPLICATION_CREDENTIALS"}  # what a refusal names
 
 
 def _forget_clients() -> None:
@@ -64,85 +57,55 @@ def _environ(**values):
 
 
 class Bucket:
-    """The test's own view of the bucket on either server (through the same fsspec client
+    """The test's own view of a bucket on either server (through the same fsspec client
     the project uses, fresh listings each time): keys, bytes, puts and copies."""
 
-    def __init__(self, scheme: str):
+    def __init__(self, scheme: str, name: str = BUCKET):
         from nvium_jax.paths import object_store
 
-        self.scheme, self.fs = scheme, object_store(scheme)
-        self.check = STORES[scheme][1]
+        self.scheme, self.name, self.fs = scheme, name, object_store(scheme)
+        self.check = CHECK[scheme]
 
     def url(self, key: str = "") -> str:
-        return f"{self.scheme}://{BUCKET}/{key}"
+        return f"{self.scheme}://{self.name}/{key}"
 
     def keys(self, prefix: str) -> list[str]:
         self.fs.invalidate_cache()
         try:
-            found = self.fs.find(f"{BUCKET}/{prefix}")
+            found = self.fs.find(f"{self.name}/{prefix}")
         except FileNotFoundError:
             return []
         return sorted(k.split("/", 1)[1] for k in found)
 
     def get(self, key: str) -> bytes:
-        return self.fs.cat_file(f"{BUCKET}/{key}")
+        return self.fs.cat_file(f"{self.name}/{key}")
 
     def put(self, key: str, data: bytes) -> None:
-        self.fs.pipe_file(f"{BUCKET}/{key}", data)
+        self.fs.pipe_file(f"{self.name}/{key}", data)
 
     def copy(self, key: str, to: str) -> None:
-        self.fs.copy(f"{BUCKET}/{key}", f"{BUCKET}/{to}")
+        self.fs.copy(f"{self.name}/{key}", f"{self.name}/{to}")
 
     def version(self, key: str):
         self.fs.invalidate_cache()
-        info = self.fs.info(f"{BUCKET}/{key}")
+        info = self.fs.info(f"{self.name}/{key}")
         return info.get("ETag") or info.get("generation") or info.get("etag")
 
 
-def _serve(scheme: str, port: int, log) -> subprocess.Popen:
-    argv = (["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)] if scheme == "s3" else
-            ["-m", "tests.gcs_emulator", "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"])
-    return subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=pathlib.Path(__file__).resolve().parent.parent)
-
-
-@pytest.fixture(scope="module", params=sorted(STORES))
+@pytest.fixture(scope="module", params=sorted(SERVERS))
 def bucket(request, tmp_path_factory):
-    """A store's server on 127.0.0.1 (never another address), its standard environment
-    pointing at it, and one bucket; stopped at the end of the module."""
+    """A store's server on 127.0.0.1 (`scripts.store_servers.serve`), its standard
+    environment pointing at it, and one bucket; stopped at the end of the module."""
     scheme = request.param
-    for module in STORES[scheme][0]:
+    for module in (CLIENTS[scheme], SERVERS[scheme]):
         pytest.importorskip(module, reason=f"the {scheme}:// tests need {module} (pip install 'nvium_jax[test]')")
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp(f"{scheme}_server") / "server.log", "w")
-    proc = _serve(scheme, port, log)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = (dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1",
-                AWS_ENDPOINT_URL=endpoint) if scheme == "s3" else
-           dict(STORAGE_EMULATOR_HOST=endpoint, TENSORSTORE_GCS_HTTP_URL=endpoint))
-    try:
-        with _environ(**env):
-            client, deadline = Bucket(scheme), time.time() + 30
-            while True:
-                try:
-                    client.fs.mkdir(BUCKET)
-                    break
-                except Exception:  # not listening yet
-                    if time.time() > deadline or proc.poll() is not None:
-                        raise RuntimeError(f"the {scheme} server did not start on {endpoint}")
-                    time.sleep(0.2)
-            yield client
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with open(tmp_path_factory.mktemp(f"{scheme}_server") / "server.log", "w") as log, \
+            serve(scheme, BUCKET, log=log) as env, _environ(**env):
+        yield Bucket(scheme)
 
 
 def test_objects_round_trip_byte_for_byte(bucket, tmp_path):
-    """The store (and, for GCS, the emulator as tests/gcs_emulator.py mends it) returns every
+    """The store (and, for GCS, the emulator as scripts/gcs_emulator.py mends it) returns every
     byte it was given — line ends at the end of an object included — by put and by file."""
     for i, tail in enumerate([b"\r", b"\n", b"\r\n", b"\x00", b"--"]):
         data = bytes(range(256)) + tail
@@ -229,7 +192,7 @@ def test_unreachable_endpoint_is_one_line_naming_the_url(bucket):
     if bucket.scheme != "s3":
         pytest.skip("gcsfs retries an unreachable endpoint with back-off for minutes")
     # nothing listens; one attempt (botocore's standard environment), not its retries' 5–10 s
-    with _environ(AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}", AWS_MAX_ATTEMPTS="1"):
+    with _environ(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_MAX_ATTEMPTS="1"):
         start = time.time()
         with pytest.raises(ConfigError, match=r"reading data dir 's3://nvium-test/words' failed "
                                               r"\(Could not connect.*AWS_ENDPOINT_URL") as err:
@@ -408,7 +371,7 @@ def test_a_damaged_object_is_skipped_set_aside_and_the_run_resumes_exact(bucket_
 
 def test_a_second_trainer_is_refused_by_the_bucket_lock(local_and_bucket, bucket, tmp_path):
     """train.lock held by a process on another host: `nvium train` refuses in one line and
-    writes nothing to the bucket; a missing bucket is one line too. (tests/gcs_emulator.py
+    writes nothing to the bucket; a missing bucket is one line too. (scripts/gcs_emulator.py
     gives the GCS emulator the precondition that real GCS has.)"""
     from tests.conftest import small_config
     from nvium_jax.train.loop import train
@@ -430,6 +393,59 @@ def test_a_second_trainer_is_refused_by_the_bucket_lock(local_and_bucket, bucket
         with pytest.raises(ConfigError, match=rf"run\.dir='{bucket.scheme}://nvium-no-such-bucket/run': bucket "
                                               r"'nvium-no-such-bucket' does not exist"):
             train(cfg)
+
+
+@pytest.fixture(scope="module")
+def read_only(bucket, tmp_path_factory):
+    """A second server of the bucket's store whose bucket refuses every write itself, with
+    HTTP 403 (moto checking IAM for a user without s3:PutObject; the emulator's `-readonly`
+    rule), and its environment; the test's view of it reads with the same credentials."""
+    with open(tmp_path_factory.mktemp(f"{bucket.scheme}_read_only") / "server.log", "w") as log, \
+            serve(bucket.scheme, BUCKET + READ_ONLY_SUFFIX, read_only=True, log=log) as env:
+        with _environ(**env), pytest.raises(OSError, match="Access Denied|Forbidden"):
+            Bucket(bucket.scheme, BUCKET + READ_ONLY_SUFFIX).put("probe", b"x")  # the server's own 403
+        yield env
+
+
+def _one_error_line(capsys) -> str:
+    """The command's error: its last line of stderr, the only one that says error, no traceback
+    (the lines before it are progress)."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and [x for x in lines if "error" in x.lower()] == lines[-1:], err
+    return lines[-1]
+
+
+def test_prepare_into_a_bucket_that_refuses_writes_is_one_line(read_only, bucket, corpus, capsys):
+    """`nvium prepare --out URL` where the server refuses the writes: one line naming the URL
+    and the permission to check; no meta.json, nothing a reader would trust."""
+    with _environ(**read_only):
+        denied = Bucket(bucket.scheme, BUCKET + READ_ONLY_SUFFIX)
+        url = denied.url("words")
+        code = cli.main(["prepare", "--input", str(corpus), "--out", url, "--tokenizer", "bpe:300"])
+        line = _one_error_line(capsys)
+        assert code == 2 and line.startswith(f"error: writing '{url}/"), line
+        assert "may read, list, write and delete objects" in line and CREDENTIALS[bucket.scheme] in line, line
+        assert denied.keys("words/") == []
+        with pytest.raises(ConfigError, match=f"data dir '{url}' does not exist"):
+            read_meta(url)  # no reader trusts it
+
+
+def test_training_into_a_bucket_that_refuses_writes_is_one_line(read_only, bucket, local_and_bucket,
+                                                                tmp_path, capsys):
+    """`nvium train` whose run.dir is in a bucket that refuses writes: one line naming the
+    run dir and the permission to check; no lock and no checkpoint manifest in the bucket."""
+    from tests.conftest import small_config, write_yaml
+
+    with _environ(**read_only, NVIUM_CACHE=str(tmp_path / "cache")):
+        denied = Bucket(bucket.scheme, BUCKET + READ_ONLY_SUFFIX)
+        url = denied.url("runs/a")
+        path = write_yaml(small_config(local_and_bucket[0], url, *RUN_ARGS), tmp_path / "config.yaml")
+        code = cli.main(["train", "--config", str(path)])
+        line = _one_error_line(capsys)
+        assert code == 2 and line.startswith(f"error: writing '{url}/train.lock' failed"), line
+        assert "may read, list, write and delete objects" in line and CREDENTIALS[bucket.scheme] in line, line
+        assert denied.keys("runs/") == []
 
 
 def test_a_multi_process_run_into_a_bucket_is_refused(monkeypatch):

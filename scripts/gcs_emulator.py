@@ -1,4 +1,4 @@
-"""gcp-storage-emulator as tests/test_paths_stores.py starts it, with four behaviours of the
+"""gcp-storage-emulator as scripts/store_servers.py starts it, with four behaviours of the
 real Cloud Storage JSON API that the emulator (2026.7) lacks and the project relies on:
 
 - a suffix byte range (`Range: bytes=-N`, RFC 9110 §14.1.2) returns the last N bytes — the
@@ -10,7 +10,13 @@ real Cloud Storage JSON API that the emulator (2026.7) lacks and the project rel
   which drops a trailing `\r` before gcsfs's bare-LF delimiter (a checkpoint file that ended
   in one came back a byte short).
 
-    python -m tests.gcs_emulator start --host=127.0.0.1 --port=PORT --in-memory
+It has no authentication either, so it also stands in for an IAM denial: a write into a
+bucket whose name ends in `-readonly` (an upload, a delete, a patch, a copy, rewrite or
+compose into it, in a batch too) is refused with HTTP 403 and the JSON error body real GCS
+sends (`storage.objects.create` … denied), served over HTTP so that gcsfs and tensorstore
+see a real 403. Reads and listings of such a bucket, and creating it, are served as usual.
+
+    python -m scripts.gcs_emulator start --host=127.0.0.1 --port=PORT --in-memory
 """
 
 import json
@@ -19,6 +25,8 @@ from http import HTTPStatus
 
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
+
+from scripts.store_servers import READ_ONLY_SUFFIX
 
 _download, _insert = objects.download, objects.insert
 
@@ -68,7 +76,52 @@ def insert(request, response, storage, *args, **kwargs):
     return _insert(request, response, storage, *args, **kwargs)
 
 
+def _forbidden(permission: str) -> dict:
+    """The body of real GCS's 403 for an anonymous caller without `permission`."""
+    message = (f"Anonymous caller does not have {permission} access to the Google Cloud Storage "
+               f"object. Permission '{permission}' denied on resource (or it may not exist).")
+    return {"error": {"code": 403, "message": message,
+                      "errors": [{"message": message, "domain": "global", "reason": "forbidden"}]}}
+
+
+def _read_only(bucket) -> bool:
+    return bool(bucket) and bucket.endswith(READ_ONLY_SUFFIX)
+
+
+def _refused_in_read_only(handler, permission: str):
+    """`handler` (a route's), but a 403 for a write into a read-only bucket."""
+    def guarded(request, response, storage, *args, **kwargs):
+        params = request.params or {}
+        if _read_only(params.get("dest_bucket_name") or params.get("bucket_name")):
+            response.status = HTTPStatus.FORBIDDEN
+            response.json(_forbidden(permission))
+            return None
+        return handler(request, response, storage, *args, **kwargs)
+    return guarded
+
+
+def _batch_refused_in_read_only(handler, permission: str):
+    """A batch's part `handler`, but a 403 part for a write into a read-only bucket."""
+    def guarded(request, item, storage, bucket_name, object_id, meta, response):
+        if _read_only(item.get("dest_bucket_name") or bucket_name):
+            objects._batch_write_json(response, "HTTP/1.1 403 Forbidden", _forbidden(permission))
+            return True
+        return handler(request, item, storage, bucket_name, object_id, meta, response)
+    return guarded
+
+
+_CREATE, _DELETE, _UPDATE = "storage.objects.create", "storage.objects.delete", "storage.objects.update"
+# the routes that write, and the permission real GCS names when it refuses each
+_WRITES = {"insert": _CREATE, "upload_partial": _CREATE, "xml_upload": _CREATE, "copy": _CREATE,
+           "rewrite": _CREATE, "compose": _CREATE, "restore": _CREATE, "delete": _DELETE, "patch": _UPDATE}
+_BATCH_WRITES = {"POST": _CREATE, "DELETE": _DELETE, "PATCH": _UPDATE}
+
 objects.download, objects.insert = download, insert
+for _name, _permission in _WRITES.items():  # after insert's patch above: it is guarded too
+    setattr(objects, _name, _refused_in_read_only(getattr(objects, _name), _permission))
+for _method, _permission in _BATCH_WRITES.items():
+    objects._BATCH_METHOD_HANDLERS[_method] = _batch_refused_in_read_only(
+        objects._BATCH_METHOD_HANDLERS[_method], _permission)
 
 from gcp_storage_emulator import server  # noqa: E402  (after the patch: its routes take it)
 from gcp_storage_emulator.__main__ import main  # noqa: E402
