@@ -385,5 +385,6 @@ def check_single_process(url: str) -> None:
     if jax.process_count() > 1:
         raise ConfigError(
             f"run.dir={url!r}: a multi-process run cannot train into a bucket yet (orbax-checkpoint "
-            f"0.12 writes each host's shards to a local path); give run.dir a path on a file "
-            f"system every host shares, or train on one host")
+            f"0.12's multi-process save needs one directory that every host sees, and a bucket run "
+            f"trains in each host's local mirror); give run.dir a path on a file system every host "
+            f"shares, or train on one host")
