@@ -638,3 +638,32 @@ def test_convert_into_and_out_of_a_bucket_equals_local(bucket, tmp_path, capsys)
         assert summary["start_step"] == 0 and summary["step"] == 2
         steps = {k.split("/")[3] for k in bucket.keys("convert/run/checkpoints/")}
         assert steps == {"0", "2"} and load_run(url).step == 2
+
+
+@pytest.mark.slow
+def test_two_processes_read_the_data_dir_from_the_bucket_as_one(bucket_run, local_and_bucket, bucket, tmp_path):
+    """Multi-host: each process reads its rows of every batch from the data dir in the
+    bucket; two processes of 4 devices train as the one process of 8 did from the local copy
+    (run dir on a shared disk: a multi-process run into a bucket is refused, above). One store
+    suffices: the processes read through the same `TrainBatches` as one process, which reads
+    both stores in the tests above."""
+    if bucket.scheme != "s3":
+        pytest.skip("run on s3 only (≈ 20 s); gs:// data reads are covered in one process above")
+    from tests.conftest import cli_env, small_config, write_yaml
+
+    path = write_yaml(small_config(local_and_bucket[1], tmp_path / "two", *RUN_ARGS), tmp_path / "two.yaml")
+    port = free_port()
+    procs = []
+    for pid in range(2):
+        env = cli_env(4)
+        env.update(NVIUM_COORDINATOR=f"localhost:{port}", NVIUM_NUM_PROCESSES="2", NVIUM_PROCESS_ID=str(pid),
+                   NVIUM_CACHE=str(tmp_path / "cache"))
+        procs.append(subprocess.Popen([sys.executable, "-m", "nvium_jax.cli", "train", "--config", str(path)],
+                                      env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path))
+    deadline = time.time() + 300
+    outputs = [p.communicate(timeout=max(deadline - time.time(), 1))[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
+    one = _losses((bucket_run["local"] / "metrics.jsonl").read_text().splitlines())
+    two = _losses((tmp_path / "two" / "metrics.jsonl").read_text().splitlines())
+    assert sorted(two) == sorted(one) == list(range(1, 13))
+    np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-5)
