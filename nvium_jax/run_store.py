@@ -22,8 +22,12 @@ stores, and multi-host `gs://` runs through orbax's own driver are not wired yet
   `ifGenerationMatch=0` on GCS): of two trainers one PUT succeeds and the other is refused,
   whichever host they run on.
 
-Only process 0 of a single-process run writes; a multi-process run into a bucket is refused
-(its hosts' checkpoint shards would land on separate local mirrors). Credentials, region and
+A multi-process run trains in one mirror per process (`…/process-<i>`: hosts share only the
+bucket). orbax 0.12's multi-process save needs one directory every host sees, so its
+checkpoints go through `GatheredCheckpoints`: each save gathers the whole state to every
+process and process 0 alone writes it, a single-process checkpoint of whole arrays, into its
+mirror, whence it is pushed; every process restores from its own pulled mirror and keeps its
+shards. Only process 0 takes the lock and writes to the bucket. Credentials, region and
 endpoint come from each store's standard environment, as for data dirs (`nvium_jax.paths`).
 """
 
@@ -38,11 +42,18 @@ import shutil
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from typing import Iterable, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 
 from nvium_jax.config import ConfigError
 from nvium_jax.paths import check_bucket, object_store, store_error, store_errors, url_scheme
-from nvium_jax.runs import MANIFEST, checkpoint_problem, now_utc, step_dirs, take_over_or_refuse
+from nvium_jax.runs import (
+    CHECKPOINT_ITEMS, MANIFEST, checkpoint_manager, checkpoint_problem, now_utc, step_dirs, take_over_or_refuse,
+)
 
 RUN_FILES = ("config.yaml", "tokenizer.json", "provenance.json", "metrics.jsonl",
              "metrics.redone.jsonl")
@@ -65,6 +76,9 @@ class RunStore:
         self.name = self.url  # how messages name the run dir
         self.root = self.url.split("://", 1)[1]  # bucket/prefix, fsspec's form
         self.mirror = mirror or mirror_root() / kind / url_scheme(url) / self.root
+        if mirror is None and kind == "train" and jax.process_count() > 1:  # hosts share no disk
+            self.mirror = self.mirror / f"process-{jax.process_index()}"
+        self.writer = jax.process_index() == 0  # the one process that writes to the bucket
         self.fs = object_store(url_scheme(url))  # s3fs or gcsfs, from the standard environment
         self.in_bucket: dict[int, str] = {}  # step → the manifest the bucket holds, verified
         self.sent: dict[str, bytes] = {}  # run file → the bytes last put
@@ -198,6 +212,8 @@ class RunStore:
     # ---- pushing ---------------------------------------------------------------------
     def push_files(self, names: Iterable[str] = RUN_FILES) -> None:
         """Each named run file in the mirror that changed since it was last put, put whole."""
+        if not self.writer:
+            return
         with self.files_lock:  # the background push puts metrics.jsonl too
             for name in names:
                 path = self.mirror / name
@@ -209,6 +225,8 @@ class RunStore:
                     self.sent[name] = data
 
     def push_metrics(self, force: bool = False) -> None:
+        if not self.writer:
+            return
         if force or time.monotonic() - self.metrics_pushed_at >= METRICS_PUSH_S:
             self.push_files(("metrics.jsonl",))
             self.metrics_pushed_at = time.monotonic()
@@ -262,6 +280,8 @@ class RunStore:
 
     def push_checkpoints(self) -> None:
         """Every sealed checkpoint the bucket lacks, pushed now (after any background push)."""
+        if not self.writer:
+            return
         self.wait()
         self._push(self._plan())
 
@@ -269,6 +289,8 @@ class RunStore:
         """The same in a background thread, so that training goes on while a checkpoint
         uploads; one push at a time (a call while one runs returns, and a later call takes
         what is new). A failed push is raised at the next call."""
+        if not self.writer:
+            return
         if self.pusher is not None and self.pusher.is_alive():
             return
         self.wait()
@@ -281,6 +303,8 @@ class RunStore:
     def set_aside(self, steps: list[int]) -> None:
         """Damaged checkpoints copied to `damaged/checkpoint-STEP-STAMP/` in the bucket (kept,
         never deleted) and removed from `checkpoints/`, as `runs.set_aside` moves them locally."""
+        if not self.writer:
+            return
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
         for step in steps:
             rel, target = f"checkpoints/{step}", f"damaged/checkpoint-{step}-{stamp}"
@@ -296,6 +320,8 @@ class RunStore:
 
     def push_tree(self, rel: str) -> None:
         """Every file under `rel` of the mirror (e.g. an evaluation's outputs), put whole."""
+        if not self.writer:
+            return
         for path in sorted(p for p in (self.mirror / rel).rglob("*") if p.is_file()):
             self._put(path.relative_to(self.mirror).as_posix(), path.read_bytes())
 
@@ -303,9 +329,41 @@ class RunStore:
         self.push_checkpoints()  # waits for a background push first
         self.push_files()
 
+    def checkpoint_manager(self, run_dir: pathlib.Path, keep: int):
+        """orbax's manager of the mirror; `GatheredCheckpoints` for a multi-process run."""
+        if jax.process_count() > 1:
+            return GatheredCheckpoints(run_dir, keep)
+        return checkpoint_manager(run_dir, keep)
+
     # ---- one trainer per run dir -------------------------------------------------------
     def lock(self) -> "BucketLock":
         return BucketLock(self)
+
+    @contextmanager
+    def training_lock(self):
+        """The bucket's lock, held by process 0 for the whole run; in a multi-process run
+        every process learns whether it was taken (else each ends with process 0's error)."""
+        if jax.process_count() == 1:
+            with self.lock():
+                yield
+            return
+        from jax.experimental import multihost_utils
+
+        held, error = None, None
+        if self.writer:
+            try:
+                held = self.lock().__enter__()
+            except ConfigError as err:
+                error = err
+        taken = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not taken:
+            raise error or ConfigError(f"{self.url}: process 0 could not take the run's lock "
+                                       f"(see its error)")
+        try:
+            yield
+        finally:
+            if held is not None:
+                held.__exit__(None, None, None)
 
 
 class BucketLock:
@@ -351,6 +409,64 @@ class BucketLock:
         return False
 
 
+class GatheredCheckpoints:
+    """The checkpoints of a multi-process run into a bucket, with the calls of orbax's
+    `CheckpointManager` that training makes. orbax 0.12's multi-process save needs one
+    directory every host sees (its primary host creates the directories the others write
+    into), and here each process has only its own mirror. So a save gathers the whole state
+    to every process (`process_allgather`) and process 0 alone writes it, as one process
+    would, into its mirror (whence it is sealed and pushed); a restore reads whole arrays
+    from this process's own mirror (pulled from the bucket) and keeps this process's shards.
+    The checkpoint is the one a single process writes; the cost is the whole state in each
+    host's memory at a save, and the gather's traffic."""
+
+    def __init__(self, run_dir: pathlib.Path, keep: int):
+        self.directory = (pathlib.Path(run_dir) / "checkpoints").absolute()
+        self.keep, self.process = keep, jax.process_index()
+        self.manager = self._own_manager()
+
+    def _own_manager(self):
+        """orbax's manager over this process alone (its barriers wait for no other host)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self.keep, enable_async_checkpointing=True, create=False,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=self.process, active_processes={self.process},
+                barrier_sync_key_prefix=f"nvium-process-{self.process}"))
+        return ocp.CheckpointManager(self.directory, options=options, item_names=CHECKPOINT_ITEMS)
+
+    def save(self, step: int, args) -> None:
+        from jax.experimental import multihost_utils
+
+        items = {name: ocp.args.StandardSave(multihost_utils.process_allgather(arg.item, tiled=True))
+                 if isinstance(arg, ocp.args.StandardSave) else arg for name, arg in args.items()}
+        if self.process == 0:
+            self.manager.save(step, args=ocp.args.Composite(**items))
+
+    def restore(self, step: int, args) -> dict:
+        whole = lambda target: jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        items = {name: ocp.args.PyTreeRestore(item=arg.item, restore_args=whole(arg.item))
+                 if isinstance(arg, ocp.args.StandardRestore) else arg for name, arg in args.items()}
+        reader = self._own_manager()  # its handlers are the restore's (PyTree, not Standard)
+        try:
+            restored = reader.restore(step, args=ocp.args.Composite(**items))
+        finally:
+            reader.close()
+        shard = lambda target, array: jax.make_array_from_callback(
+            target.shape, target.sharding, lambda index: array[index])
+        return {name: jax.tree.map(shard, arg.item, restored[name])
+                if isinstance(arg, ocp.args.StandardRestore) else restored[name] for name, arg in args.items()}
+
+    def is_saving_in_progress(self) -> bool:
+        return self.manager.is_saving_in_progress()
+
+    def wait_until_finished(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
 def _snapshot(step_dir: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
     """`step_dir`'s files hard-linked under `target` (copied where links fail): instant, and
     unaffected when orbax deletes the original."""
@@ -377,14 +493,3 @@ def open_run(value, what: str, kind: str = "train") -> Optional[RunStore]:
         return None
     check_bucket(str(value), what)
     return RunStore(str(value), kind)
-
-
-def check_single_process(url: str) -> None:
-    import jax
-
-    if jax.process_count() > 1:
-        raise ConfigError(
-            f"run.dir={url!r}: a multi-process run cannot train into a bucket yet (orbax-checkpoint "
-            f"0.12's multi-process save needs one directory that every host sees, and a bucket run "
-            f"trains in each host's local mirror); give run.dir a path on a file system every host "
-            f"shares, or train on one host")

@@ -72,13 +72,15 @@ def read_run_config(run_dir: pathlib.Path) -> Config:
         raise ConfigError(f"{path} cannot be read as a config: {err}") from None
 
 
+CHECKPOINT_ITEMS = ("params", "opt_state", "counters", "data", "meta")
+
+
 def checkpoint_manager(run_dir: pathlib.Path, keep: int = 3, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True
     )
     return ocp.CheckpointManager(
-        (run_dir / "checkpoints").absolute(), options=options,
-        item_names=("params", "opt_state", "counters", "data", "meta"),
+        (run_dir / "checkpoints").absolute(), options=options, item_names=CHECKPOINT_ITEMS,
     )
 
 

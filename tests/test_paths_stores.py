@@ -448,18 +448,6 @@ def test_training_into_a_bucket_that_refuses_writes_is_one_line(read_only, bucke
         assert denied.keys("runs/") == []
 
 
-def test_a_multi_process_run_into_a_bucket_is_refused(monkeypatch):
-    import jax
-
-    from nvium_jax.run_store import check_single_process
-
-    check_single_process("s3://b/run")
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(ConfigError, match=r"run\.dir='s3://b/run': a multi-process run cannot train "
-                                          r"into a bucket yet"):
-        check_single_process("s3://b/run")
-
-
 class Recorder:
     """A stand-in for s3fs that records the order of requests."""
 
@@ -640,30 +628,67 @@ def test_convert_into_and_out_of_a_bucket_equals_local(bucket, tmp_path, capsys)
         assert steps == {"0", "2"} and load_run(url).step == 2
 
 
-@pytest.mark.slow
-def test_two_processes_read_the_data_dir_from_the_bucket_as_one(bucket_run, local_and_bucket, bucket, tmp_path):
-    """Multi-host: each process reads its rows of every batch from the data dir in the
-    bucket; two processes of 4 devices train as the one process of 8 did from the local copy
-    (run dir on a shared disk: a multi-process run into a bucket is refused, above). One store
-    suffices: the processes read through the same `TrainBatches` as one process, which reads
-    both stores in the tests above."""
-    if bucket.scheme != "s3":
-        pytest.skip("run on s3 only (≈ 20 s); gs:// data reads are covered in one process above")
-    from tests.conftest import cli_env, small_config, write_yaml
+def _two_processes(config_path, tmp_path, stop_at=None) -> list[str]:
+    """`nvium train` as two processes of 4 devices, each with a cache of its own (hosts that
+    share only the bucket); process 0 is sent SIGTERM once it reports `stop_at` (the stop
+    request reaches both). Their stderr; both must exit 0."""
+    import signal
 
-    path = write_yaml(small_config(local_and_bucket[1], tmp_path / "two", *RUN_ARGS), tmp_path / "two.yaml")
-    port = free_port()
-    procs = []
+    from tests.conftest import cli_env
+
+    port, procs = free_port(), []
     for pid in range(2):
         env = cli_env(4)
         env.update(NVIUM_COORDINATOR=f"localhost:{port}", NVIUM_NUM_PROCESSES="2", NVIUM_PROCESS_ID=str(pid),
-                   NVIUM_CACHE=str(tmp_path / "cache"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "nvium_jax.cli", "train", "--config", str(path)],
+                   NVIUM_CACHE=str(tmp_path / f"cache-{pid}"))
+        procs.append(subprocess.Popen([sys.executable, "-m", "nvium_jax.cli", "train", "--config", str(config_path)],
                                       env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path))
+    first = []
+    if stop_at is not None:
+        for line in procs[0].stderr:
+            first.append(line)
+            if line.startswith(f"step {stop_at}/"):
+                procs[0].send_signal(signal.SIGTERM)
+                break
     deadline = time.time() + 300
     outputs = [p.communicate(timeout=max(deadline - time.time(), 1))[1] for p in procs]
+    outputs[0] = "".join(first) + outputs[0]
     assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_processes_train_into_the_bucket_and_resume_as_one(bucket_run, local_and_bucket, bucket, tmp_path):
+    """A multi-process run into a bucket: two processes that share no disk (a cache each)
+    train into BUCKET/runs/two from the bucket's data dir, are stopped by SIGTERM, and resume
+    from the bucket; the losses equal the one-process local run's (to float rounding: the
+    mesh spans two processes), and the bucket holds the checkpoints a single process writes:
+    `load_run` here reads the last one, equal to the one-process run's parameters to float
+    rounding. One store suffices: both stores share this path (the single-process bucket
+    tests run on both)."""
+    if bucket.scheme != "s3":
+        pytest.skip("run on s3 only (≈ 40 s); the single-process bucket runs cover gs://")
+    import jax
+    from flax import nnx
+
+    from nvium_jax.runs import load_run
+    from tests.conftest import small_config, write_yaml
+
+    url = bucket.url("runs/two")
+    path = write_yaml(small_config(local_and_bucket[1], url, *RUN_ARGS), tmp_path / "two.yaml")
+    stopped = _two_processes(path, tmp_path, stop_at=5)[0]
+    assert "stopped by signal at step" in stopped
+    resumed = _two_processes(path, tmp_path)
+    assert f"resuming {url} from step" in resumed[0] and f"resuming {url} from step" in resumed[1]
     one = _losses((bucket_run["local"] / "metrics.jsonl").read_text().splitlines())
-    two = _losses((tmp_path / "two" / "metrics.jsonl").read_text().splitlines())
+    two = _losses(bucket.get("runs/two/metrics.jsonl").decode().splitlines())
     assert sorted(two) == sorted(one) == list(range(1, 13))
     np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-5)
+    keys = bucket.keys("runs/two/")
+    assert "runs/two/train.lock" not in keys
+    assert sorted({int(k.split("/")[3]) for k in keys if k.startswith("runs/two/checkpoints/")}) == [6, 9, 12]
+    with _environ(NVIUM_CACHE=str(tmp_path / "reader")):
+        remote, local = load_run(url), load_run(bucket_run["local"])
+    assert remote.step == local.step == 12
+    for a, b in zip(jax.tree.leaves(nnx.state(remote.model)), jax.tree.leaves(nnx.state(local.model))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)  # 12 Adam steps

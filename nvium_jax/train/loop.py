@@ -16,7 +16,7 @@ import numpy as np
 from nvium_jax.config import Config, ConfigError, TrainConfig
 from nvium_jax.data import TrainBatches, eval_windows, resolve_data_dir
 from nvium_jax.paths import local_path
-from nvium_jax.run_store import check_single_process, open_run
+from nvium_jax.run_store import open_run
 from nvium_jax.runs import (
     RunDirLock, checkpoint_manager, command_line, config_changes, has_checkpoints,
     holds_train_state, read_run_config, restore_checkpoint, restore_params, save_checkpoint,
@@ -180,9 +180,8 @@ def train(config: Config, command: Optional[list[str]] = None) -> dict:
     if store is None:
         run_dir = local_path(config.run.dir, "run.dir")
         return _train(config, command, run_dir, LocalRun(run_dir))
-    check_single_process(store.url)
-    with store.lock():
-        store.pull_for_training()
+    with store.training_lock():
+        store.pull_for_training()  # by every process, into its own mirror
         try:
             summary = _train(config, command, store.mirror, store)
         except BaseException:  # whatever was sealed is pushed; the error that stopped training
@@ -227,12 +226,16 @@ class LocalRun:
     def push_checkpoints_async(self):
         pass
 
+    def checkpoint_manager(self, run_dir, keep):
+        return checkpoint_manager(run_dir, keep)
+
 
 def _train_locked(config, command, run_dir, resuming, mesh, data_dir, trainer, store) -> dict:
     train_cfg, context = config.train, config.model.context
     step = None
     if resuming:  # the newest checkpoint that passes its checksums; newer damaged ones set aside
         step, damaged = verified_step(run_dir, name=store.name)
+        same_step_everywhere(step, store.name)
         store.set_aside(damaged)  # in the bucket, before its local copy moves
         set_aside(run_dir, damaged)
     batches = TrainBatches(
@@ -240,7 +243,7 @@ def _train_locked(config, command, run_dir, resuming, mesh, data_dir, trainer, s
         process_index=jax.process_index(), process_count=jax.process_count(),
         workers=config.data.workers, prefetch=config.data.prefetch,
     )
-    manager = checkpoint_manager(run_dir, train_cfg.keep)
+    manager = store.checkpoint_manager(run_dir, train_cfg.keep)
     try:
         if resuming and not holds_train_state(run_dir, step):
             # parameters only (an import): a fresh optimizer and data order
@@ -272,6 +275,19 @@ def _train_locked(config, command, run_dir, resuming, mesh, data_dir, trainer, s
         seal_finished(run_dir, manager)
         manager.close()
         batches.close()
+
+
+def same_step_everywhere(step: int, name: str) -> None:
+    """Every process resumes from the same checkpoint (a bucket run's processes each verify
+    their own pulled copy): else one line, on every process, before any collective waits."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    steps = sorted(set(int(s) for s in multihost_utils.process_allgather(np.int64(step))))
+    if len(steps) > 1:
+        raise ConfigError(f"the processes of {name} would resume from different checkpoints "
+                          f"({steps}): one's copy fails verification; run again")
 
 
 def _loop(config, trainer, state, batches, manager, sink, stop, val, val_sharding, run_dir,
