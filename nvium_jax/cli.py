@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import pathlib
 import sys
@@ -518,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # gcsfs logs a request that ran out of retries (an unreachable endpoint) at ERROR with its
+    # traceback; the command's own error line names the URL and what to check
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     if args.command in ("generate", "eval", "bench"):  # the commands that compile to decode or score
         from nvium_jax.compile_cache import enable_compile_cache
 

@@ -129,3 +129,16 @@ def test_lm_eval_model_arg_run_refuses_a_url():
 
     with pytest.raises(ConfigError, match=r"'az://my-bucket/run' is a URL \(az://\)"):
         NviumLM(run="az://my-bucket/run")
+
+
+def test_cli_keeps_gcsfs_retry_tracebacks_off_stderr(tmp_path, monkeypatch, capsys):
+    """gcsfs logs a request that ran out of retries (an unreachable endpoint, ≈ 35 s of them)
+    at ERROR with its traceback; a command prints only its own error line."""
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(logging.getLogger("gcsfs"), "level", logging.NOTSET)
+    assert logging.getLogger("gcsfs").isEnabledFor(logging.ERROR)
+    assert cli.main(["eval", "--run", "az://my-bucket/run"]) == 2
+    assert not logging.getLogger("gcsfs").isEnabledFor(logging.ERROR)
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
