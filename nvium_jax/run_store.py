@@ -3,8 +3,8 @@ mirror.
 
 orbax-checkpoint 0.12 writes arrays to local paths and to `gs://` only, so a run whose dir is
 a bucket URL trains and loads in a local mirror (for `gs://` too: one code path for both
-stores, and multi-host `gs://` runs through orbax's own driver are not wired yet) (`<cache>/runs/…`, the cache dir of
-`nvium_jax.data.corpus.default_cache_dir`) while the bucket stays the truth:
+stores) (`<cache>/runs/…`, the cache dir of `nvium_jax.data.corpus.default_cache_dir`) while
+the bucket stays the truth:
 
 - **pull** makes the mirror what the bucket holds before training: the run files and every
   checkpoint whose manifest is in the bucket (a checkpoint without one is a write that never
@@ -34,6 +34,7 @@ endpoint come from each store's standard environment, as for data dirs (`nvium_j
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -65,6 +66,15 @@ def mirror_root() -> pathlib.Path:
     from nvium_jax.data.corpus import default_cache_dir
 
     return default_cache_dir() / "runs"
+
+
+def _writer_only(method):
+    """A RunStore method that writes to the bucket: a no-op on every process but process 0."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if self.writer:
+            return method(self, *args, **kwargs)
+    return call
 
 
 class RunStore:
@@ -210,10 +220,9 @@ class RunStore:
         return self.mirror
 
     # ---- pushing ---------------------------------------------------------------------
+    @_writer_only
     def push_files(self, names: Iterable[str] = RUN_FILES) -> None:
         """Each named run file in the mirror that changed since it was last put, put whole."""
-        if not self.writer:
-            return
         with self.files_lock:  # the background push puts metrics.jsonl too
             for name in names:
                 path = self.mirror / name
@@ -224,9 +233,8 @@ class RunStore:
                     self._put(name, data)
                     self.sent[name] = data
 
+    @_writer_only
     def push_metrics(self, force: bool = False) -> None:
-        if not self.writer:
-            return
         if force or time.monotonic() - self.metrics_pushed_at >= METRICS_PUSH_S:
             self.push_files(("metrics.jsonl",))
             self.metrics_pushed_at = time.monotonic()
@@ -278,19 +286,17 @@ class RunStore:
             err, self.push_error = self.push_error, None
             raise err
 
+    @_writer_only
     def push_checkpoints(self) -> None:
         """Every sealed checkpoint the bucket lacks, pushed now (after any background push)."""
-        if not self.writer:
-            return
         self.wait()
         self._push(self._plan())
 
+    @_writer_only
     def push_checkpoints_async(self) -> None:
         """The same in a background thread, so that training goes on while a checkpoint
         uploads; one push at a time (a call while one runs returns, and a later call takes
         what is new). A failed push is raised at the next call."""
-        if not self.writer:
-            return
         if self.pusher is not None and self.pusher.is_alive():
             return
         self.wait()
@@ -300,11 +306,10 @@ class RunStore:
                                            name="nvium-push", daemon=True)
             self.pusher.start()
 
+    @_writer_only
     def set_aside(self, steps: list[int]) -> None:
         """Damaged checkpoints copied to `damaged/checkpoint-STEP-STAMP/` in the bucket (kept,
         never deleted) and removed from `checkpoints/`, as `runs.set_aside` moves them locally."""
-        if not self.writer:
-            return
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
         for step in steps:
             rel, target = f"checkpoints/{step}", f"damaged/checkpoint-{step}-{stamp}"
@@ -318,10 +323,9 @@ class RunStore:
             self.in_bucket.pop(step, None)
             print(f"moved damaged checkpoint {step} to {self.url}/{target}", file=sys.stderr)
 
+    @_writer_only
     def push_tree(self, rel: str) -> None:
         """Every file under `rel` of the mirror (e.g. an evaluation's outputs), put whole."""
-        if not self.writer:
-            return
         for path in sorted(p for p in (self.mirror / rel).rglob("*") if p.is_file()):
             self._put(path.relative_to(self.mirror).as_posix(), path.read_bytes())
 
