@@ -167,7 +167,7 @@ def check_bucket(path: Any, what: str) -> None:
     try:
         found = object_store(scheme).exists(bucket)
     except store_errors() as err:
-        found, detail = False, f" ({str(err).splitlines()[0]})"
+        found, detail = False, f" ({_detail(err)})"
     else:
         detail = ""
     if not found:
